@@ -464,3 +464,1053 @@ def configure_logging(settings: Settings, filename: Optional[str], stream: Any =
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
+
+
+# --------------------------------------------------------------------------------------------
+# Errors, requests and replies.
+# --------------------------------------------------------------------------------------------
+
+ERROR_TYPES = {401: "authentication_error", 408: "timeout_error", 500: "server_error", 503: "service_unavailable"}
+CONTEXT_ERROR_PREFIX = "ERROR: The prompt size exceeds"
+
+
+class ApiError(Exception):
+    """An error that becomes a JSON reply {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None,
+                 headers: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
+
+
+class ClientGone(Exception):
+    """The client closed its connection: nobody is left to answer."""
+
+
+@dataclasses.dataclass
+class Request:
+    method: str
+    path: str
+    query: Dict[str, str] = dataclasses.field(default_factory=dict)
+    headers: Dict[str, str] = dataclasses.field(default_factory=dict)  # lower-case names
+    body: bytes = b""
+    body_error: Optional[ApiError] = None  # raised once the route is known to want the body
+    client_alive: Callable[[], bool] = lambda: True
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    headers: Dict[str, str]
+    body: bytes = b""
+    # A streamed reply calls stream(emit) instead of sending body; the status line and headers
+    # leave with the first emit, so an ApiError raised before it still becomes a normal reply.
+    stream: Optional[Callable[[Callable[[bytes], None]], None]] = None
+    usage: Dict[str, int] = dataclasses.field(default_factory=dict)  # for the access log
+
+
+def json_reply(status: int, document: Any, headers: Optional[Dict[str, str]] = None) -> Reply:
+    body = json.dumps(document, ensure_ascii=False).encode("utf-8")
+    return Reply(status, {"Content-Type": "application/json", **(headers or {})}, body)
+
+
+def error_reply(error: ApiError) -> Reply:
+    error_type = ERROR_TYPES.get(error.status, "invalid_request_error")
+    document = {"error": {"message": error.message, "type": error_type, "param": error.param, "code": error.code}}
+    return json_reply(error.status, document, error.headers)
+
+
+def parse_body_fields(request: Request) -> Dict[str, Any]:
+    """The request's fields: query parameters, overridden by a JSON, form or multipart body."""
+    fields: Dict[str, Any] = dict(request.query)
+    if request.body_error:
+        raise request.body_error
+    if not request.body:
+        return fields
+    content_type = request.headers.get("content-type", "")
+    mime = content_type.split(";")[0].strip().lower()
+    # curl -d without -H sends a JSON body as a form: accept what is plainly JSON.
+    if mime in ("", "application/json") or mime.endswith("+json") or (
+            mime == "application/x-www-form-urlencoded" and request.body.lstrip()[:1] == b"{"):
+        try:
+            document = json.loads(request.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise ApiError(400, f"the body is not valid JSON: {error}", "invalid_json") from None
+        if not isinstance(document, dict):
+            raise ApiError(400, "the JSON body must be an object", "invalid_json")
+        fields.update(document)
+    elif mime == "application/x-www-form-urlencoded":
+        try:
+            fields.update(parse_qsl(request.body.decode("utf-8"), keep_blank_values=True, strict_parsing=True))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise ApiError(400, f"the form body cannot be parsed: {error}", "invalid_form") from None
+    elif mime == "multipart/form-data":
+        fields.update(parse_multipart(content_type, request.body))
+    else:
+        raise ApiError(415, f"unsupported content type {mime!r}: send application/json, "
+                            "application/x-www-form-urlencoded or multipart/form-data", "unsupported_media_type")
+    return fields
+
+
+def parse_multipart(content_type: str, body: bytes) -> Dict[str, str]:
+    """Text fields of a multipart/form-data body (what Postman's form-data sends)."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not message.is_multipart() or message.defects:
+        raise ApiError(400, "the multipart body cannot be parsed", "invalid_form")
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            payload = part.get_payload(decode=True) or b""
+            try:
+                fields[name] = payload.decode(part.get_content_charset() or "utf-8")
+            except (UnicodeDecodeError, LookupError):
+                raise ApiError(400, f"field {name!r} is not valid text", "invalid_form", name) from None
+    return fields
+
+
+def read_number(fields: Dict[str, Any], name: str, kind: type, default: Any, low: float, high: float,
+                low_open: bool = False) -> Any:
+    """A number field (an int or float, or its text from a query or form) within [low, high]."""
+    value = fields.get(name)
+    if value is None:
+        return default
+    what = "an integer" if kind is int else "a number"
+    if isinstance(value, str):
+        try:
+            value = kind(value.strip())
+        except ValueError:
+            raise ApiError(400, f"'{name}' must be {what}, got {value!r}", "invalid_value", name) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and isinstance(value, float) and not value.is_integer()) or value != value:
+        raise ApiError(400, f"'{name}' must be {what}, got {json.dumps(value)}", "invalid_type", name)
+    value = kind(value)
+    if value < low or value > high or (low_open and value == low):
+        bounds = f"{'above' if low_open else 'at least'} {low} and at most {high}"
+        raise ApiError(400, f"'{name}' must be {bounds}, got {value}", "out_of_range", name)
+    return value
+
+
+def read_text(fields: Dict[str, Any], name: str, required: bool = False, default: Optional[str] = None) -> Optional[str]:
+    value = fields.get(name)
+    if value is None:
+        if required:
+            raise ApiError(400, f"'{name}' is required", "missing_field", name)
+        return default
+    if not isinstance(value, str):
+        raise ApiError(400, f"'{name}' must be a string, got {json.dumps(value)}", "invalid_type", name)
+    if required and not value.strip():
+        raise ApiError(400, f"'{name}' must not be empty", "empty_field", name)
+    return value
+
+
+def read_flag(fields: Dict[str, Any], name: str) -> bool:
+    value = fields.get(name, False)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(value)}", "invalid_type", name)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    repeat_last_n: int
+    stop: Tuple[str, ...] = ()
+
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+def parse_generation_params(fields: Dict[str, Any], settings: Settings, openai: bool = False) -> GenerationParams:
+    """Sampling fields, validated; max_tokens is capped at the [limits] max_tokens."""
+    if "temp" in fields and "temperature" not in fields:
+        fields = {**fields, "temperature": fields["temp"]}
+    max_tokens = read_number(fields, "max_tokens", int, settings.max_tokens, 1, 1 << 31)
+    if openai:
+        max_tokens = read_number(fields, "max_completion_tokens", int, max_tokens, 1, 1 << 31)
+    repeat_penalty = settings.repeat_penalty
+    if openai:  # OpenAI's penalties map onto gpt4all's single repeat penalty (see README)
+        presence = read_number(fields, "presence_penalty", float, 0.0, -2.0, 2.0)
+        frequency = read_number(fields, "frequency_penalty", float, 0.0, -2.0, 2.0)
+        if max(presence, frequency) > 0:
+            repeat_penalty = 1.0 + max(presence, frequency) / 2
+    stop = fields.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(
+            isinstance(item, str) and 0 < len(item) <= MAX_STOP_LENGTH for item in stop):
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings "
+                            f"of at most {MAX_STOP_LENGTH} characters", "invalid_value", "stop")
+    return GenerationParams(
+        max_tokens=min(max_tokens, settings.max_tokens_limit),
+        temperature=read_number(fields, "temperature", float, settings.temperature, 0.0, 2.0),
+        top_k=read_number(fields, "top_k", int, settings.top_k, 1, 1_000_000),
+        top_p=read_number(fields, "top_p", float, settings.top_p, 0.0, 1.0, low_open=True),
+        min_p=read_number(fields, "min_p", float, settings.min_p, 0.0, 1.0),
+        repeat_penalty=read_number(fields, "repeat_penalty", float, repeat_penalty, 0.0, 10.0, low_open=True),
+        repeat_last_n=read_number(fields, "repeat_last_n", int, settings.repeat_last_n, 0, settings.n_ctx),
+        stop=tuple(stop),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The model runner: the one place that generates.
+# --------------------------------------------------------------------------------------------
+
+
+def load_model(settings: Settings) -> Any:
+    """Load the model through gpt4all (imported here, never by the watchdog) and prove it loaded."""
+    path = ensure_model_file(settings)
+    if not path.is_file() and not settings.allow_download:
+        raise CannotLoad(f"model file {path} not found: put the GGUF file there, fix [model] model in "
+                         f"{settings.config_file}, or set allow_download = true")
+    try:
+        from gpt4all import GPT4All
+    except ImportError as error:
+        raise CannotLoad(f"cannot import gpt4all ({error}); run: {INSTALL_HINT}") from None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n_threads = settings.n_threads or cores or 1
+    try:
+        model = GPT4All(path.name, model_path=str(path.parent), allow_download=settings.allow_download,
+                        device=settings.device, n_threads=n_threads, n_ctx=settings.n_ctx, verbose=False)
+        model.model.thread_count()  # gpt4all may return from a failed load without raising: this raises
+    except Exception as error:  # gpt4all raises bare Exceptions, ValueError, RuntimeError, OSError
+        raise CannotLoad(f"cannot load model {path}: {error}") from None
+    return model
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    finish_reason: str  # stop, length, timeout
+    prompt_tokens: int
+    completion_tokens: int
+    queue_seconds: float
+    prompt_seconds: float
+    generation_seconds: float
+
+    def usage(self) -> Dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def timings(self) -> Dict[str, float]:
+        speed = self.completion_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+        return {"queue_ms": round(self.queue_seconds * 1000, 1), "prompt_ms": round(self.prompt_seconds * 1000, 1),
+                "generation_ms": round(self.generation_seconds * 1000, 1), "tokens_per_second": round(speed, 1)}
+
+
+class StopScanner:
+    """Cuts generated text at the first stop string; holds back a tail that may begin one."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = tuple(stop for stop in stops if stop)
+        self.longest = max((len(stop) for stop in self.stops), default=0)
+        self.text = ""
+        self.released = 0  # text[:released] may be shown to the client
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Add a piece; return the newly releasable text."""
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += piece
+        hits = [index for index in (self.text.find(stop, start) for stop in self.stops) if index >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+            return self.flush()
+        held = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(self.text)), held, -1):
+                if self.text.endswith(stop[:size]):
+                    held = size
+                    break
+        return self._release(len(self.text) - held)
+
+    def flush(self) -> str:
+        return self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        new, self.released = self.text[self.released:end], max(self.released, end)
+        return new
+
+
+class ModelRunner:
+    """Owns the model: one generation at a time, at most queue_size waiting, limits through the callback."""
+
+    def __init__(self, model: Any, settings: Settings, template: ChatTemplate, heartbeat: Callable[[], None]):
+        self.model, self.settings, self.template, self.heartbeat = model, settings, template, heartbeat
+        self._generation = threading.Lock()
+        self._counters = threading.Lock()
+        self.waiting = 0
+        self.busy = False
+        self.completed = 0
+
+    def generate(self, prompt: str, params: GenerationParams, client_alive: Callable[[], bool],
+                 on_text: Optional[Callable[[str], None]] = None, on_admitted: Callable[[], None] = lambda: None
+                 ) -> Completion:
+        """Run one generation; on_text receives the answer as it grows (stop strings already cut)."""
+        queued = time.monotonic()
+        with self._counters:
+            if self.busy and self.waiting >= self.settings.queue_size:
+                raise ApiError(503, f"the server is busy: {self.waiting} requests are waiting; retry later",
+                               "queue_full", headers={"Retry-After": "5"})
+            self.waiting += 1
+        on_admitted()
+        try:
+            while not self._generation.acquire(timeout=0.2):
+                if not client_alive():
+                    raise ClientGone()
+        finally:
+            with self._counters:
+                self.waiting -= 1
+        try:
+            self.busy = True
+            return self._generate_locked(prompt, params, client_alive, on_text, queued)
+        finally:
+            self.busy = False
+            self._generation.release()
+
+    def _generate_locked(self, prompt: str, params: GenerationParams, client_alive: Callable[[], bool],
+                         on_text: Optional[Callable[[str], None]], queued: float) -> Completion:
+        started = time.monotonic()
+        deadline = started + self.settings.max_seconds
+        scanner = StopScanner(params.stop)
+        state = {"prompt_tokens": 0, "tokens": 0, "first_token": None, "finish": None, "error": None}
+
+        def keep_going() -> bool:
+            self.heartbeat()
+            if time.monotonic() > deadline:
+                state["finish"] = "timeout"
+            elif not client_alive():
+                state["error"] = ClientGone()
+            return state["finish"] is None and state["error"] is None
+
+        def on_prompt_token(token_id: int) -> bool:
+            state["prompt_tokens"] += 1
+            return keep_going()
+
+        def on_token(token_id: int, piece: str) -> bool:
+            # gpt4all swallows exceptions raised here: keep them, stop, re-raise after generate()
+            try:
+                if token_id == -1 or (state["tokens"] == 0 and piece.startswith(CONTEXT_ERROR_PREFIX)):
+                    state["error"] = ApiError(
+                        400, f"the prompt does not fit the context window of {self.settings.n_ctx} tokens "
+                             "(prompt plus max_tokens); shorten it", "context_length_exceeded", "prompt")
+                    return False
+                if state["first_token"] is None:
+                    state["first_token"] = time.monotonic()
+                state["tokens"] += 1
+                released = scanner.feed(piece)
+                if released and on_text:
+                    on_text(released)
+                if scanner.stopped:
+                    state["finish"] = "stop"
+                elif state["tokens"] >= params.max_tokens or (
+                        state["prompt_tokens"] + state["tokens"] >= self.settings.n_ctx):
+                    state["finish"] = "length"
+                return keep_going()
+            except BaseException as error:  # ClientGone from on_text, or a bug: stop the model
+                state["error"] = error
+                return False
+
+        self.model.model._prompt_callback = on_prompt_token  # gpt4all 2.8.2 calls it per prompt token
+        self.model.generate(prompt, max_tokens=params.max_tokens, temp=params.temperature, top_k=params.top_k,
+                            top_p=params.top_p, min_p=params.min_p, repeat_penalty=params.repeat_penalty,
+                            repeat_last_n=params.repeat_last_n, n_batch=self.settings.n_batch, callback=on_token)
+        if state["error"] is not None:
+            raise state["error"]
+        rest = scanner.flush()
+        if rest and on_text:
+            on_text(rest)
+        finished = time.monotonic()
+        first_token = state["first_token"] or finished
+        self.completed += 1
+        return Completion(text=scanner.text, finish_reason=state["finish"] or "stop",
+                          prompt_tokens=state["prompt_tokens"], completion_tokens=state["tokens"],
+                          queue_seconds=started - queued, prompt_seconds=first_token - started,
+                          generation_seconds=finished - first_token)
+
+
+# --------------------------------------------------------------------------------------------
+# Routes: pure functions of (app, request) -> Reply.
+# --------------------------------------------------------------------------------------------
+
+
+class App:
+    """What the routes share: settings, the runner (None while the model loads) and counters."""
+
+    def __init__(self, settings: Settings, worker: bool = False):
+        self.settings, self.worker = settings, worker
+        self.runner: Optional[ModelRunner] = None
+        self.started, self.started_wall = time.monotonic(), time.time()
+        self.stop_accepting = False  # set by SIGTERM, or when the restart after N requests is due
+        self.generations_admitted = 0
+        self.in_flight = 0
+        self.lock = threading.Lock()
+
+    def admit_generation(self) -> None:
+        """Count a generation request; a worker stops accepting once its restart is due."""
+        with self.lock:
+            self.generations_admitted += 1
+            due = self.settings.restart_after_requests
+            if self.worker and due and self.generations_admitted >= due:
+                self.stop_accepting = True
+
+    def require_runner(self) -> ModelRunner:
+        if self.runner is None:
+            raise ApiError(503, "the model is still loading; retry in a moment", "model_loading",
+                           headers={"Retry-After": "1"})
+        return self.runner
+
+    def model_names(self) -> set:
+        model_id = self.settings.model_id
+        return {model_id, Path(model_id).stem, self.settings.model}
+
+
+def handle_health(app: App, request: Request) -> Reply:
+    uptime = round(time.monotonic() - app.started, 1)
+    if app.runner is None:
+        return json_reply(503, {"status": "loading", "pid": os.getpid(), "uptime_s": uptime}, {"Retry-After": "1"})
+    return json_reply(200, {"status": "ok", "model": app.settings.model_id, "pid": os.getpid(),
+                            "requests_served": app.runner.completed, "uptime_s": uptime,
+                            "busy": app.runner.busy, "waiting": app.runner.waiting})
+
+
+def log_exchange(app: App, prompt: str, completion: Completion) -> None:
+    if app.settings.log_prompts:
+        log.info("prompt %r -> answer %r", prompt, completion.text)
+
+
+def handle_generate(app: App, request: Request) -> Reply:
+    """The original project's route: {"prompt", "persona"} -> the answer as text (or JSON)."""
+    fields = parse_body_fields(request)
+    prompt = read_text(fields, "prompt", required=True)
+    persona = read_text(fields, "persona", default=app.settings.system_prompt)
+    params = parse_generation_params(fields, app.settings)
+    runner = app.require_runner()
+    messages = ([{"role": "system", "content": persona}] if persona else []) + [{"role": "user", "content": prompt}]
+    params = dataclasses.replace(params, stop=params.stop + (runner.template.end,))
+    completion = runner.generate(runner.template.render(messages), params, request.client_alive,
+                                 on_admitted=app.admit_generation)
+    log_exchange(app, prompt, completion)
+    if "application/json" in request.headers.get("accept", ""):
+        reply = json_reply(200, {"response": completion.text, "model": app.settings.model_id,
+                                 "finish_reason": completion.finish_reason, "usage": completion.usage(),
+                                 "timings": completion.timings()})
+    else:
+        reply = Reply(200, {"Content-Type": "text/plain; charset=utf-8",
+                            "X-Finish-Reason": completion.finish_reason}, completion.text.encode("utf-8"))
+    reply.usage = completion.usage()
+    return reply
+
+
+def model_object(app: App) -> Dict[str, Any]:
+    return {"id": app.settings.model_id, "object": "model", "created": int(app.started_wall), "owned_by": "gpt4all_api"}
+
+
+def handle_models(app: App, request: Request) -> Reply:
+    return json_reply(200, {"object": "list", "data": [model_object(app)]})
+
+
+def handle_model(app: App, request: Request) -> Reply:
+    name = request.path[len("/v1/models/"):]
+    if name not in app.model_names():
+        raise ApiError(404, f"the model {name!r} does not exist", "model_not_found", "model")
+    return json_reply(200, model_object(app))
+
+
+def parse_messages(fields: Dict[str, Any]) -> List[Dict[str, str]]:
+    """OpenAI chat messages -> [{"role", "content"}] with text content."""
+    messages = fields.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "invalid_value", "messages")
+    parsed = []
+    for index, message in enumerate(messages):
+        param = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise ApiError(400, f"'{param}' must be an object", "invalid_type", param)
+        role = message.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"'{param}.role' must be system, developer, user or assistant, got "
+                                f"{json.dumps(role)}", "invalid_value", param)
+        content = message.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):
+            if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                       for part in content):
+                raise ApiError(400, f"'{param}.content' parts must be text parts", "invalid_value", param)
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"'{param}.content' must be a string", "invalid_type", param)
+        parsed.append({"role": role, "content": content})
+    return parsed
+
+
+def parse_openai_fields(app: App, request: Request) -> Tuple[Dict[str, Any], GenerationParams, bool, bool]:
+    """The fields both OpenAI routes share: (fields, params, stream, include_usage)."""
+    fields = parse_body_fields(request)
+    name = fields.get("model")
+    if name is not None and name not in app.model_names():
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {app.settings.model_id!r}",
+                       "model_not_found", "model")
+    if read_number(fields, "n", int, 1, 1, 128) != 1:
+        raise ApiError(400, "only n = 1 is supported", "unsupported_value", "n")
+    read_number(fields, "seed", int, 0, -(1 << 63), 1 << 64)  # accepted; temperature 0 gives reproducibility
+    if fields.get("logprobs") or fields.get("tools"):
+        raise ApiError(400, "logprobs and tools are not supported", "unsupported_value")
+    options = fields.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "invalid_type", "stream_options")
+    params = parse_generation_params(fields, app.settings, openai=True)
+    return fields, params, read_flag(fields, "stream"), read_flag(options, "include_usage")
+
+
+def handle_chat_completions(app: App, request: Request) -> Reply:
+    fields, params, stream, include_usage = parse_openai_fields(app, request)
+    messages = parse_messages(fields)
+    runner = app.require_runner()
+    params = dataclasses.replace(params, stop=params.stop + (runner.template.end,))
+    return openai_completion(app, request, runner.template.render(messages), params, stream, include_usage, chat=True)
+
+
+def handle_completions(app: App, request: Request) -> Reply:
+    fields, params, stream, include_usage = parse_openai_fields(app, request)
+    prompt = fields.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string (or a list of one)", "invalid_value", "prompt")
+    return openai_completion(app, request, prompt, params, stream, include_usage, chat=False)
+
+
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+
+
+def openai_completion(app: App, request: Request, prompt: str, params: GenerationParams, stream: bool,
+                      include_usage: bool, chat: bool) -> Reply:
+    """Answer in OpenAI's shapes, whole or as Server-Sent Events."""
+    runner = app.require_runner()
+    head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
+            "model": app.settings.model_id}
+
+    def choice(text: Optional[str], finish: Optional[str], role: bool = False) -> Dict[str, Any]:
+        reason = None if finish is None else ("length" if finish == "timeout" else finish)
+        if not chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        content = {"content": text} if text is not None else {}
+        key = "delta" if stream else "message"
+        return {"index": 0, key: ({"role": "assistant"} if role else {}) | content, "logprobs": None,
+                "finish_reason": reason}
+
+    if not stream:
+        completion = runner.generate(prompt, params, request.client_alive, on_admitted=app.admit_generation)
+        log_exchange(app, prompt, completion)
+        reply = json_reply(200, {**head, "object": "chat.completion" if chat else "text_completion",
+                                 "choices": [choice(completion.text, completion.finish_reason, role=True)],
+                                 "usage": completion.usage()})
+        reply.usage = completion.usage()
+        return reply
+
+    reply = Reply(200, dict(SSE_HEADERS))
+    chunk_head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+    def stream_events(emit: Callable[[bytes], None]) -> None:
+        opened = []
+
+        def send(choices: List[Dict[str, Any]], **extra: Any) -> None:
+            if not opened:
+                opened.append(True)
+                if chat:
+                    send([choice("", None, role=True)])
+            document = {**chunk_head, "choices": choices, **({"usage": None} if include_usage else {}), **extra}
+            emit(b"data: " + json.dumps(document, ensure_ascii=False).encode("utf-8") + b"\n\n")
+
+        completion = runner.generate(prompt, params, request.client_alive,
+                                     on_text=lambda text: send([choice(text, None)]),
+                                     on_admitted=app.admit_generation)
+        send([choice(None if chat else "", completion.finish_reason)])
+        if include_usage:
+            send([], usage=completion.usage())
+        emit(b"data: [DONE]\n\n")
+        log_exchange(app, prompt, completion)
+        reply.usage.update(completion.usage())
+
+    reply.stream = stream_events
+    return reply
+
+
+def find_methods(app: App, path: str) -> Optional[Dict[str, Callable[[App, Request], Reply]]]:
+    routes = {"/health": {"GET": handle_health}, app.settings.route: {"POST": handle_generate},
+              "/v1/models": {"GET": handle_models}, "/v1/chat/completions": {"POST": handle_chat_completions},
+              "/v1/completions": {"POST": handle_completions}}
+    if path.startswith("/v1/models/"):
+        return {"GET": handle_model}
+    return routes.get(path)
+
+
+def check_api_key(settings: Settings, request: Request) -> None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+        raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                       "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def cors_headers(settings: Settings, request: Request) -> Dict[str, str]:
+    origin = request.headers.get("origin")
+    allowed = settings.cors_origins
+    if not origin or not ("*" in allowed or origin in allowed):
+        return {}
+    headers = {"Access-Control-Allow-Origin": "*" if "*" in allowed else origin, "Vary": "Origin"}
+    if request.method == "OPTIONS":
+        headers.update({"Access-Control-Allow-Methods": "GET, POST, OPTIONS", "Access-Control-Max-Age": "600",
+                        "Access-Control-Allow-Headers": request.headers.get("access-control-request-headers")
+                        or "Authorization, Content-Type"})
+    return headers
+
+
+def route_request(app: App, request: Request) -> Reply:
+    methods = find_methods(app, request.path)
+    if methods is None:
+        raise ApiError(404, f"no route {request.path!r}; try POST {app.settings.route}, GET /health or /v1/...",
+                       "not_found")
+    allow = ", ".join(sorted(methods) + ["OPTIONS"])
+    if request.method == "OPTIONS":
+        return Reply(204, {"Allow": allow})
+    handler = methods.get("GET" if request.method == "HEAD" else request.method)
+    if handler is None:
+        raise ApiError(405, f"{request.method} is not allowed on {request.path}; use {allow}",
+                       "method_not_allowed", headers={"Allow": allow})
+    if app.settings.api_key and request.path != "/health":
+        check_api_key(app.settings, request)
+    return handler(app, request)
+
+
+def dispatch(app: App, request: Request) -> Reply:
+    """Route a request; every failure becomes a JSON error reply here (ClientGone excepted)."""
+    try:
+        reply = route_request(app, request)
+    except ApiError as error:
+        reply = error_reply(error)
+    except ClientGone:
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        reply = error_reply(ApiError(500, "internal server error; the details are in the server log",
+                                     "internal_error"))
+    reply.headers.update(cors_headers(app.settings, request))
+    return reply
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP: the handler only reads the request, calls dispatch() and writes the reply.
+# --------------------------------------------------------------------------------------------
+
+access_log = logging.getLogger("gpt4all_api.access")
+
+
+def client_connected(connection: socket.socket) -> bool:
+    """False once the client has closed its side (readable with nothing to read)."""
+    try:
+        poller = select.poll()
+        poller.register(connection, select.POLLIN)
+        if not poller.poll(0):
+            return True
+        return connection.recv(1, socket.MSG_PEEK) != b""
+    except (OSError, ValueError):
+        return False
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "gpt4all_api"
+    server: "Server"
+
+    def setup(self) -> None:
+        self.timeout = self.server.app.settings.socket_timeout
+        super().setup()
+
+    def do_GET(self) -> None:
+        self.handle_any()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
+
+    def handle_any(self) -> None:
+        app = self.server.app
+        started = time.monotonic()
+        with app.lock:
+            app.in_flight += 1
+        reply: Optional[Reply] = None
+        try:
+            url = urlsplit(self.path)
+            path = url.path.rstrip("/") or "/"
+            request = Request(self.command, path, dict(parse_qsl(url.query, keep_blank_values=True)),
+                              {name.lower(): value for name, value in self.headers.items()},
+                              client_alive=lambda: client_connected(self.connection))
+            try:
+                request.body = self.read_body(bool(url.query))
+            except ApiError as error:
+                request.body_error = error
+            reply = dispatch(app, request)
+            self.send_reply(reply)
+        except ClientGone:
+            self.close_connection = True
+        finally:
+            with app.lock:
+                app.in_flight -= 1
+            status = reply.status if reply else 499  # 499: the client left first (nginx's code)
+            tokens = reply.usage.get("completion_tokens", "-") if reply else "-"
+            access_log.info("%s %s %s %d %.3fs tokens=%s pid=%d", self.client_address[0], self.command,
+                            urlsplit(self.path).path, status, time.monotonic() - started, tokens, os.getpid())
+
+    def read_body(self, has_query: bool) -> bytes:
+        """The body, within max_body_bytes; errors wait in Request.body_error for the route."""
+        limit = self.server.app.settings.max_body_bytes
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return self.read_chunked_body(limit)
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            if self.command in ("POST", "PUT", "PATCH") and not has_query:
+                raise ApiError(411, "a Content-Length header (or a chunked body) is required", "length_required")
+            return b""
+        if not length_text.strip().isdigit():
+            self.close_connection = True
+            raise ApiError(400, f"invalid Content-Length {length_text!r}", "invalid_content_length")
+        length = int(length_text)
+        if length > limit:
+            self.unread_body = length
+            raise ApiError(413, f"the body is {length} bytes; the limit is {limit}", "body_too_large")
+        return self.read_exactly(length)
+
+    def read_exactly(self, length: int) -> bytes:
+        try:
+            data = self.rfile.read(length)
+        except socket.timeout:
+            self.close_connection = True
+            raise ApiError(408, "the client was too slow sending the body", "request_timeout") from None
+        if len(data) < length:
+            raise ClientGone()
+        return data
+
+    def read_chunked_body(self, limit: int) -> bytes:
+        body = bytearray()
+        while True:
+            try:
+                size_line = self.rfile.readline(1024)
+                size = int(size_line.split(b";")[0].strip(), 16)
+            except socket.timeout:
+                self.close_connection = True
+                raise ApiError(408, "the client was too slow sending the body", "request_timeout") from None
+            except ValueError:
+                self.close_connection = True
+                raise ApiError(400, "malformed chunked body", "invalid_chunked_body") from None
+            if len(body) + size > limit:
+                self.close_connection = True
+                raise ApiError(413, f"the body exceeds the limit of {limit} bytes", "body_too_large")
+            if size == 0:
+                while self.rfile.readline(1024).strip():  # trailers
+                    pass
+                return bytes(body)
+            body += self.read_exactly(size)
+            self.read_exactly(2)
+
+    def send_reply(self, reply: Reply) -> None:
+        app = self.server.app
+        if app.stop_accepting or (app.worker and app.settings.restart_after_requests):
+            self.close_connection = True  # a worker that will be replaced keeps no idle connections
+        if reply.stream is None:
+            self.send_head(reply, len(reply.body))
+            if self.command != "HEAD":
+                self.write(reply.body)
+        else:
+            self.send_stream(reply)
+        if getattr(self, "unread_body", 0):
+            self.discard_unread_body()
+
+    def send_head(self, reply: Reply, length: Optional[int]) -> None:
+        self.send_response(reply.status)
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        if length is None:
+            self.close_connection = True  # the end of the stream is the end of the connection
+        else:
+            self.send_header("Content-Length", str(length))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def send_stream(self, reply: Reply) -> None:
+        opened = []
+
+        def emit(data: bytes) -> None:
+            if not opened:
+                opened.append(True)
+                self.send_head(reply, None)
+            self.write(data)
+
+        try:
+            reply.stream(emit)
+        except ApiError as error:
+            if not opened:
+                failed = error_reply(error)
+                reply.status, reply.usage = failed.status, failed.usage
+                self.send_head(failed, len(failed.body))
+                self.write(failed.body)
+                return
+            self.write(b"data: " + error_reply(error).body + b"\n\n")
+        except ClientGone:
+            raise
+        except Exception:
+            log.exception("unexpected error while streaming %s", self.path)
+            if not opened:
+                failed = error_reply(ApiError(500, "internal server error; the details are in the server log",
+                                              "internal_error"))
+                reply.status = 500
+                self.send_head(failed, len(failed.body))
+                self.write(failed.body)
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.wfile.write(data)
+        except (OSError, ValueError):  # broken pipe, reset, timeout: the client is gone
+            self.close_connection = True
+            raise ClientGone() from None
+
+    def discard_unread_body(self) -> None:
+        """Read what is left of a refused body, briefly, so closing does not reset the reply."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(1.0)
+            remaining = self.unread_body
+            while remaining > 0:
+                data = self.connection.recv(min(remaining, 65536))
+                if not data:
+                    break
+                remaining -= len(data)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own errors (bad request line, header too long, unknown method) as JSON."""
+        self.close_connection = True
+        text = message or self.responses.get(code, ("error",))[0]
+        reply = error_reply(ApiError(code, f"{text}{': ' + explain if explain else ''}", "bad_request"))
+        try:
+            self.send_head(reply, len(reply.body))
+            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+                self.wfile.write(reply.body)
+        except OSError:
+            pass
+        access_log.info("%s %s %s %d tokens=- pid=%d", self.client_address[0], self.command,
+                        (self.path or "-").split("?")[0], code, os.getpid())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.client_address[0], *args)
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        pass  # one access line per request is written by handle_any()
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, app: App, listen_socket: Optional[socket.socket] = None):
+        self.app = app
+        self.request_queue_size = app.settings.backlog
+        settings = app.settings
+        if listen_socket is None:
+            super().__init__((settings.host, settings.port), Handler)
+        else:  # the watchdog's socket, already bound and listening
+            super().__init__(listen_socket.getsockname()[:2], Handler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = listen_socket
+            self.server_address = listen_socket.getsockname()[:2]
+        self.socket.setblocking(False)  # another process may win the accept() race: never block in it
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.error("error while serving %s:\n%s", client_address, traceback.format_exc())
+
+
+def serve_until_stopped(server: Server, app: App, idle_tick: Callable[[], None]) -> None:
+    """Accept connections until app.stop_accepting; idle_tick runs between polls (heartbeat)."""
+    poller = select.poll()
+    poller.register(server.socket, select.POLLIN)
+    while not app.stop_accepting:
+        if poller.poll(100):
+            try:
+                connection, address = server.get_request()
+            except OSError:  # BlockingIOError when another worker took it first
+                continue
+            if server.verify_request(connection, address):
+                server.process_request(connection, address)
+            else:
+                server.shutdown_request(connection)
+        idle_tick()
+
+
+# --------------------------------------------------------------------------------------------
+# Worker protocol (with watchdog.py): sentinel, heartbeat, activation, parent death.
+# --------------------------------------------------------------------------------------------
+
+
+class Sentinel:
+    """The sentinel file: created when ready, its mtime the heartbeat, removed when a restart is due."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+        self.last_touch = 0.0
+
+    def create(self) -> None:
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+            self.last_touch = time.monotonic()
+
+    def touch(self) -> None:
+        now = time.monotonic()
+        if self.path and now - self.last_touch >= HEARTBEAT_EVERY:
+            self.last_touch = now
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                pass  # removed by the watchdog's clean-up: it will replace us
+
+    def remove(self) -> None:
+        if self.path:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def watch_control_pipe(fd: int, activated: threading.Event) -> None:
+    """b"A" activates this worker; EOF means the watchdog died: exit at once, freeing port and memory."""
+    while True:
+        try:
+            data = os.read(fd, 1)
+        except InterruptedError:
+            continue
+        if not data:
+            log.warning("the watchdog is gone; exiting")
+            logging.shutdown()
+            os._exit(EXIT_ORPHANED)
+        if data == b"A":
+            activated.set()
+
+
+def run_server(settings: Settings) -> int:
+    """Load the model, serve until stopped (or until the restart is due); return the exit code."""
+    worker = ENV_LISTEN_FD in os.environ
+    app = App(settings, worker=worker)
+    sentinel = Sentinel(Path(os.environ[ENV_SENTINEL]) if worker and os.environ.get(ENV_SENTINEL) else None)
+
+    def request_stop(signum: int, frame: Any) -> None:
+        app.stop_accepting = True  # the main loop acts on it
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    activated = threading.Event()
+    if worker:
+        listen_socket = socket.socket(fileno=int(os.environ[ENV_LISTEN_FD]))
+        threading.Thread(target=watch_control_pipe, args=(int(os.environ[ENV_CONTROL_FD]), activated),
+                         name="control-pipe", daemon=True).start()
+    else:
+        listen_socket = None
+        activated.set()
+    try:
+        server = Server(app, listen_socket)
+    except OSError as error:
+        log.critical("cannot listen on %s:%s: %s", settings.host, settings.port, error)
+        return EXIT_CANNOT_LOAD
+    if not worker:
+        log.info("listening on http://%s:%s (model loading)", *server.server_address[:2])
+
+    loaded: Dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            started = time.monotonic()
+            model = load_model(settings)
+            template = choose_template(settings, settings.model_file)
+            loaded["runner"] = ModelRunner(model, settings, template, sentinel.touch)
+            log.info("model %s loaded in %.2fs (template %s, n_ctx %d)", settings.model_id,
+                     time.monotonic() - started, template.name, settings.n_ctx)
+        except CannotLoad as error:
+            loaded["error"] = str(error)
+        except Exception as error:
+            loaded["error"] = f"cannot load the model: {error!r}"
+
+    loader = threading.Thread(target=load, name="model-loader", daemon=True)
+    loader.start()
+    if worker:  # not accepting yet: clients wait in the watchdog's backlog
+        while loader.is_alive() and not app.stop_accepting:
+            loader.join(HEARTBEAT_EVERY)
+
+    def idle_tick() -> None:
+        if app.runner is None and not loader.is_alive():
+            if "error" in loaded:
+                app.stop_accepting = True
+                return
+            app.runner = loaded["runner"]
+            sentinel.create()
+            log.info("ready: model %s, pid %d", settings.model_id, os.getpid())
+        if app.runner is not None and not app.runner.busy:
+            sentinel.touch()  # during a generation only its callbacks beat: a stuck model goes silent
+
+    idle_tick()
+    while not activated.wait(HEARTBEAT_EVERY) and not app.stop_accepting:
+        idle_tick()
+    if activated.is_set() and not app.stop_accepting:
+        if worker:
+            log.info("activated: accepting connections")
+        serve_until_stopped(server, app, idle_tick)
+    if "error" in loaded:
+        log.critical("%s", loaded["error"])
+        return EXIT_CANNOT_LOAD
+    while app.in_flight:  # let the requests already accepted finish and reach their clients
+        idle_tick()
+        time.sleep(0.01)
+    sentinel.remove()
+    log.info("stopping after %d generation requests", app.runner.completed if app.runner else 0)
+    return EXIT_OK
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve a GGUF model over HTTP through gpt4all.")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    arguments = parser.parse_args(argv)
+    try:
+        settings = load_settings(arguments.config)
+    except ValueError as error:
+        print(f"gpt4all_api: {error}", file=sys.stderr)
+        return EXIT_CANNOT_LOAD
+    under_watchdog = ENV_LISTEN_FD in os.environ
+    configure_logging(settings, None if under_watchdog else "server.log")
+    faulthandler.enable()
+    code = run_server(settings)
+    logging.shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
