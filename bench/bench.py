@@ -1,0 +1,273 @@
+"""Benchmarks: the server and the watchdog against raw gpt4all, measured in the same run.
+
+    python bench/bench.py [server|watchdog|stream|all] [--rounds N]
+
+server    raw in-process generate() vs POST /gpt4all_api on the same prompts (temperature 0, same
+          token counts): median latency ratio; /health p99 during a generation; start-to-ready vs
+          raw model load.
+watchdog  back-to-back requests through watchdog.py: restart after every request with the warm
+          spare, without it (the original project's behaviour: the model load is paid by the next
+          request), and restart_after_requests = 0; connection errors; the watchdog's idle CPU.
+stream    time to first token and tokens/s of a streamed /v1/chat/completions vs raw generate()
+          with a callback.
+
+Ratios compare against the baseline measured in the same run, so a slow or busy machine shows in
+both. Results are printed and written to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import gpt4all_api  # noqa: E402
+from conftest import Process, request, write_config  # noqa: E402
+
+PERSONA = "You are a helpful assistant."
+PROMPTS = ["What is the capital of France?", "Name three primary colors.",
+           "Write a Python function that adds two numbers.", "Count from 1 to 20 separated by commas."]
+MAX_TOKENS = 48
+
+
+def chatml(prompt: str) -> str:
+    return gpt4all_api.TEMPLATES["chatml"].render([{"role": "system", "content": PERSONA},
+                                                   {"role": "user", "content": prompt}])
+
+
+def settings_for(config: Path) -> gpt4all_api.Settings:
+    return gpt4all_api.load_settings(config)
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def raw_load_seconds(settings: gpt4all_api.Settings, repeats: int = 3) -> float:
+    """Fresh python: import gpt4all and load the model (what a server start must at least pay)."""
+    code = ("import time; t = time.monotonic(); from gpt4all import GPT4All; "
+            f"m = GPT4All({settings.model_id!r}, model_path={str(settings.model_path)!r}, allow_download=False, "
+            f"device='cpu', n_threads={os.cpu_count()}, n_ctx={settings.n_ctx}); m.model.thread_count(); "
+            "print(time.monotonic() - t)")
+    times = []
+    for _ in range(repeats):
+        output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        times.append(float(output.strip().splitlines()[-1]))
+    return median(times)
+
+
+class RawModel:
+    """The baseline: gpt4all in this process, same template, same sampling, same n_batch."""
+
+    def __init__(self, settings: gpt4all_api.Settings):
+        from gpt4all import GPT4All
+        self.settings = settings
+        self.model = GPT4All(settings.model_id, model_path=str(settings.model_path), allow_download=False,
+                             device="cpu", n_threads=os.cpu_count(), n_ctx=settings.n_ctx)
+
+    def generate(self, prompt: str, on_token=None):
+        """(seconds, text, tokens, seconds to first token)."""
+        state = {"tokens": 0, "first": None}
+        started = time.monotonic()
+
+        def callback(token_id, piece):
+            if state["first"] is None:
+                state["first"] = time.monotonic() - started
+            state["tokens"] += 1
+            return True
+
+        s = self.settings
+        text = self.model.generate(chatml(prompt), max_tokens=MAX_TOKENS, temp=0.0, top_k=s.top_k, top_p=s.top_p,
+                                   min_p=s.min_p, repeat_penalty=s.repeat_penalty, repeat_last_n=s.repeat_last_n,
+                                   n_batch=s.n_batch, callback=callback)
+        return time.monotonic() - started, text.replace("<|im_end|>", ""), state["tokens"], state["first"]
+
+
+def post_generate(base_url: str, prompt: str):
+    started = time.monotonic()
+    status, _, body = request(base_url, "POST", "/gpt4all_api", {"prompt": prompt, "persona": PERSONA,
+                                                                  "temperature": 0, "max_tokens": MAX_TOKENS},
+                              headers={"Accept": "application/json"})
+    elapsed = time.monotonic() - started
+    if status != 200:
+        raise RuntimeError(f"status {status}: {body[:200]!r}")
+    document = json.loads(body)
+    return elapsed, document["response"], document["usage"]["completion_tokens"]
+
+
+def bench_server(workdir: Path, rounds: int) -> dict:
+    config = write_config(workdir / "server")
+    settings = settings_for(config)
+    gpt4all_api.ensure_model_file(settings)
+    load = raw_load_seconds(settings)
+    started = time.monotonic()
+    server = Process("gpt4all_api.py", config)
+    try:
+        server.wait_ready()
+        ready = time.monotonic() - started
+        raw = RawModel(settings)
+        raw_times, server_times, mismatches = [], [], 0
+        for prompt in PROMPTS:  # warm both
+            raw.generate(prompt)
+            post_generate(server.base_url, prompt)
+        for _ in range(rounds):
+            for prompt in PROMPTS:
+                raw_seconds, raw_text, raw_tokens, _ = raw.generate(prompt)
+                server_seconds, server_text, server_tokens = post_generate(server.base_url, prompt)
+                raw_times.append(raw_seconds)
+                server_times.append(server_seconds)
+                mismatches += raw_tokens != server_tokens or raw_text.strip() != server_text.strip()
+        health = []
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (post_generate(server.base_url, "Count from 1 to 300."), done.set()))
+        worker.start()
+        while not done.is_set():
+            probe = time.monotonic()
+            request(server.base_url, "GET", "/health")
+            health.append(time.monotonic() - probe)
+            time.sleep(0.01)
+        worker.join()
+    finally:
+        server.stop()
+    return {
+        "raw_median_s": median(raw_times), "server_median_s": median(server_times),
+        "latency_ratio": median(server_times) / median(raw_times), "answers_differing": mismatches,
+        "requests": len(server_times), "health_probes": len(health),
+        "health_p99_ms": percentile(health, 0.99) * 1000, "raw_load_s": load, "start_to_ready_s": ready,
+        "ready_minus_load_s": ready - load,
+    }
+
+
+def run_watchdog_mode(workdir: Path, name: str, overrides: dict, requests: int) -> dict:
+    config = write_config(workdir / name, {"watchdog": overrides})
+    watchdog = Process("watchdog.py", config)
+    times, errors, pids = [], 0, set()
+    try:
+        watchdog.wait_ready()
+        time.sleep(3)  # let the warm spare load, as it would between requests in real use
+        for index in range(requests):
+            started = time.monotonic()
+            try:
+                post_generate(watchdog.base_url, PROMPTS[index % len(PROMPTS)])
+                times.append(time.monotonic() - started)
+            except (OSError, http.client.HTTPException, RuntimeError):
+                errors += 1
+            status, _, body = request(watchdog.base_url, "GET", "/health")
+            pids.add(json.loads(body)["pid"])
+        cpu = idle_cpu_fraction(watchdog.popen.pid, 10.0)
+    finally:
+        watchdog.stop()
+    return {"median_s": median(times), "errors": errors, "worker_pids": len(pids), "idle_cpu_fraction": cpu}
+
+
+def idle_cpu_fraction(pid: int, seconds: float) -> float:
+    """CPU time the process used while idle, as a fraction of one core."""
+    def cpu_seconds() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    before = cpu_seconds()
+    time.sleep(seconds)
+    return (cpu_seconds() - before) / seconds
+
+
+def bench_watchdog(workdir: Path, rounds: int) -> dict:
+    requests = rounds * len(PROMPTS)
+    keep = run_watchdog_mode(workdir, "keep-loaded", {"restart_after_requests": 0}, requests)
+    spare = run_watchdog_mode(workdir, "spare", {"restart_after_requests": 1, "warm_spare": "true"}, requests)
+    cold = run_watchdog_mode(workdir, "no-spare", {"restart_after_requests": 1, "warm_spare": "false"}, requests)
+    return {"keep_loaded": keep, "restart_with_spare": spare, "restart_without_spare": cold,
+            "spare_minus_keep_ms": (spare["median_s"] - keep["median_s"]) * 1000,
+            "no_spare_minus_keep_ms": (cold["median_s"] - keep["median_s"]) * 1000}
+
+
+def stream_chat(base_url: str, prompt: str):
+    """(seconds to first content token, content tokens/s after it, text) from a streamed chat."""
+    host, port = base_url.split("//")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    body = json.dumps({"messages": [{"role": "system", "content": PERSONA}, {"role": "user", "content": prompt}],
+                       "temperature": 0, "max_tokens": MAX_TOKENS, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    started = time.monotonic()
+    connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    first, text, tokens = None, "", 0
+    for line in response:
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        for choice in event["choices"]:
+            if choice["delta"].get("content"):
+                first = first or time.monotonic() - started
+                text += choice["delta"]["content"]
+    total = time.monotonic() - started
+    connection.close()
+    return first, (tokens - 1) / (total - first) if total > first else float("nan"), text
+
+
+def bench_stream(workdir: Path, rounds: int) -> dict:
+    config = write_config(workdir / "stream")
+    settings = settings_for(config)
+    server = Process("gpt4all_api.py", config)
+    try:
+        server.wait_ready()
+        raw = RawModel(settings)
+        raw_first, raw_speed, server_first, server_speed = [], [], [], []
+        for prompt in PROMPTS:
+            raw.generate(prompt)
+            stream_chat(server.base_url, prompt)
+        for _ in range(rounds):
+            for prompt in PROMPTS:
+                seconds, _, tokens, first = raw.generate(prompt)
+                raw_first.append(first)
+                raw_speed.append((tokens - 1) / (seconds - first))
+                first, speed, _ = stream_chat(server.base_url, prompt)
+                server_first.append(first)
+                server_speed.append(speed)
+    finally:
+        server.stop()
+    return {"raw_first_token_ms": median(raw_first) * 1000, "server_first_token_ms": median(server_first) * 1000,
+            "first_token_delta_ms": (median(server_first) - median(raw_first)) * 1000,
+            "raw_tokens_per_s": median(raw_speed), "server_tokens_per_s": median(server_speed),
+            "tokens_per_s_ratio": median(server_speed) / median(raw_speed)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "stream", "all"])
+    parser.add_argument("--rounds", type=int, default=5, help="passes over the prompts (default %(default)s)")
+    arguments = parser.parse_args()
+    benches = {"server": bench_server, "watchdog": bench_watchdog, "stream": bench_stream}
+    chosen = list(benches) if arguments.which == "all" else [arguments.which]
+    results = {"cpu_count": os.cpu_count(), "max_tokens": MAX_TOKENS, "rounds": arguments.rounds}
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in chosen:
+            results[name] = benches[name](Path(workdir), arguments.rounds)
+            print(f"== {name}")
+            print(json.dumps(results[name], indent=2))
+    output = REPO / "bench" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-{arguments.which}.json"
+    output.parent.mkdir(exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    print(f"written to {output}")
+
+
+if __name__ == "__main__":
+    main()

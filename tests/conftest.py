@@ -1,0 +1,146 @@
+"""Shared fixtures: free ports, per-test config files, and real server / watchdog subprocesses.
+
+Integration tests run the real gpt4all_api.py and watchdog.py on the real embedded model (assembled
+once into the repository's models/ folder), on free ports, and poll against monotonic deadlines.
+"""
+
+from __future__ import annotations
+
+import configparser
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+sys.path.insert(0, str(REPO))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_config(directory: Path, overrides: Optional[Dict[str, Dict[str, Any]]] = None) -> Path:
+    """config.ini in directory: the committed defaults, a free port, logs and state inside directory."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(REPO / "config.ini", encoding="utf-8")
+    parser["server"]["port"] = str(free_port())
+    parser["model"]["model_path"] = str(MODELS)
+    parser["logging"]["log_dir"] = str(directory / "logs")
+    parser["watchdog"]["state_dir"] = str(directory / "run")
+    for section, values in (overrides or {}).items():
+        for key, value in values.items():
+            parser[section][key] = str(value)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.ini"
+    with open(path, "w", encoding="utf-8") as handle:
+        parser.write(handle)
+    return path
+
+
+class Process:
+    """A server or watchdog subprocess in its own process group, its output in a file."""
+
+    def __init__(self, script: str, config: Path, env: Optional[Dict[str, str]] = None,
+                 cwd: Optional[str] = None, command: Optional[list] = None):
+        self.config = config
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(config, encoding="utf-8")
+        self.port = int(parser["server"]["port"])
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.output_path = config.parent / f"{Path(script).stem}.out"
+        self.output = open(self.output_path, "wb")
+        self.popen = subprocess.Popen(command or [sys.executable, str(REPO / script), "--config", str(config)],
+                                      stdout=self.output, stderr=subprocess.STDOUT, start_new_session=True,
+                                      env=env, cwd=cwd)
+
+    def logs(self) -> str:
+        text = self.output_path.read_text(errors="replace")
+        for name in ("watchdog.log", "server.log"):
+            log_file = self.config.parent / "logs" / name
+            if log_file.exists():
+                text += f"\n----- {name} -----\n" + log_file.read_text(errors="replace")
+        return text[-20000:]
+
+    def fail(self, reason: str) -> None:
+        pytest.fail(f"{reason}\n----- output -----\n{self.logs()}")
+
+    def wait_ready(self, timeout: float = 120) -> Dict[str, Any]:
+        """Poll /health until it answers 200 (model loaded) before the deadline."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                self.fail(f"exited with code {self.popen.returncode} before it was ready")
+            try:
+                status, _, body = request(self.base_url, "GET", "/health", timeout=5)
+                if status == 200:
+                    return json.loads(body)
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.fail(f"not ready within {timeout} s")
+
+    def stop(self, timeout: float = 30) -> Optional[int]:
+        """SIGTERM the process group, then SIGKILL it after the timeout."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.popen.wait()
+        self.output.close()
+        return self.popen.returncode
+
+
+def request(base_url: str, method: str, path: str, body: Any = None, headers: Optional[Dict[str, str]] = None,
+            timeout: float = 120) -> Tuple[int, Dict[str, str], bytes]:
+    """One HTTP exchange; a dict body is sent as JSON. Returns (status, lower-case headers, body)."""
+    host, port = base_url.split("//")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    headers = dict(headers or {})
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def start(tmp_path):
+    """start(script, overrides) -> Process; every process is stopped at the end of the test."""
+    started = []
+
+    def start_process(script: str = "gpt4all_api.py", overrides: Optional[Dict[str, Dict[str, Any]]] = None,
+                      **kwargs: Any) -> Process:
+        directory = tmp_path / f"{Path(script).stem}-{len(started)}"
+        directory.mkdir()
+        process = Process(script, write_config(directory, overrides), **kwargs)
+        started.append(process)
+        return process
+
+    yield start_process
+    for process in started:
+        process.stop()

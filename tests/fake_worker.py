@@ -1,0 +1,143 @@
+"""A stand-in for gpt4all_api.py as a watchdog worker: the worker protocol, no model.
+
+The watchdog runs it when GPT4ALL_API_WORKER_SCRIPT points here. Like the real worker it "loads"
+(sleeps), creates its sentinel, touches it as a heartbeat, waits for b"A" on its control pipe, then
+accepts on the inherited socket; it exits 4 at once on EOF of the control pipe, retires after
+[watchdog] restart_after_requests requests or on SIGTERM (stop accepting, finish the requests in
+flight, remove the sentinel, exit 0) and dumps its stacks on SIGUSR1. Every request except
+GET /health counts and is answered with {"pid": ..., "requests_served": n} after ?delay=SECONDS.
+
+Knobs (environment): FAKE_WORKER_LOAD_SECONDS (default 0.2); FAKE_WORKER_EXIT_AT_START=CODE exits
+with CODE instead of becoming ready (3 = cannot load, with a one-line reason).
+"""
+
+from __future__ import annotations
+
+import configparser
+import faulthandler
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gpt4all_api import ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, EXIT_ORPHANED, LOG_FORMAT  # noqa: E402
+
+log = logging.getLogger("fake_worker")
+HEARTBEAT_EVERY = 0.2
+
+
+class FakeWorker:
+    def __init__(self, restart_after_requests: int) -> None:
+        self.restart_after_requests = restart_after_requests
+        self.requests_served = 0
+        self.lock = threading.Lock()
+        self.activated = False
+        self.retiring = False  # set by SIGTERM or by the last request: stop accepting
+
+    def count_request(self) -> int:
+        with self.lock:
+            self.requests_served += 1
+            if self.restart_after_requests and self.requests_served >= self.restart_after_requests:
+                self.retiring = True
+            return self.requests_served
+
+
+class Handler(BaseHTTPRequestHandler):
+    worker: FakeWorker
+
+    def do_GET(self) -> None:
+        query = parse_qs(urlsplit(self.path).query)
+        served = self.worker.requests_served if urlsplit(self.path).path == "/health" else self.worker.count_request()
+        time.sleep(float(query.get("delay", ["0"])[0]))
+        body = json.dumps({"pid": os.getpid(), "requests_served": served}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.info("%s %s", self.address_string(), format % args)
+
+
+def watch_control_pipe(fd: int, worker: FakeWorker) -> None:
+    while True:
+        data = os.read(fd, 1)
+        if not data:
+            os._exit(EXIT_ORPHANED)  # the watchdog is gone: leave at once
+        if data == b"A":
+            worker.activated = True
+
+
+def keep_heartbeat(sentinel: Path) -> None:
+    while True:
+        try:
+            os.utime(sentinel)
+        except FileNotFoundError:
+            return
+        time.sleep(HEARTBEAT_EVERY)
+
+
+def serve(listener: socket.socket, worker: FakeWorker) -> None:
+    """Accept until retiring, then wait for the requests in flight (server_close joins them)."""
+    Handler.worker = worker
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = listener
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    while not worker.retiring:
+        if selector.select(0.05) and not worker.retiring:
+            try:
+                connection, address = listener.accept()
+            except BlockingIOError:
+                continue
+            connection.setblocking(True)
+            server.process_request(connection, address)
+    server.server_close()
+
+
+def main() -> int:
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(sys.argv[sys.argv.index("--config") + 1])
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    worker = FakeWorker(config.getint("watchdog", "restart_after_requests", fallback=1))
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGTERM, lambda signum, frame: setattr(worker, "retiring", True))
+    threading.Thread(target=watch_control_pipe, args=(int(os.environ[ENV_CONTROL_FD]), worker), daemon=True).start()
+    listener = socket.socket(fileno=int(os.environ[ENV_LISTEN_FD]))
+    listener.setblocking(False)
+    sentinel = Path(os.environ[ENV_SENTINEL])
+
+    log.info("loading")
+    time.sleep(float(os.environ.get("FAKE_WORKER_LOAD_SECONDS", "0.2")))
+    exit_code = os.environ.get("FAKE_WORKER_EXIT_AT_START")
+    if exit_code:
+        log.error("cannot load the model: FAKE_WORKER_EXIT_AT_START=%s", exit_code)
+        return int(exit_code)
+    sentinel.touch()
+    threading.Thread(target=keep_heartbeat, args=(sentinel,), daemon=True).start()
+    log.info("ready, waiting for activation")
+    while not (worker.activated or worker.retiring):
+        time.sleep(0.02)
+    if not worker.retiring:
+        log.info("active")
+        serve(listener, worker)
+    sentinel.unlink(missing_ok=True)
+    log.info("retired after %d requests, exiting", worker.requests_served)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The watchdog's state machine driven by a fake clock and fake worker processes."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gpt4all_api import EXIT_CANNOT_LOAD, Settings  # noqa: E402
+from watchdog import State, Supervisor, describe_exit  # noqa: E402
+
+
+class FakeProcess:
+    """What the Supervisor sees of a worker process; the test moves its sentinel and exit."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: Optional[int] = None
+        self.mtime: Optional[int] = None  # None = no sentinel
+        self.signals: List[int] = []
+        self.activated = False
+        self.rss: Optional[float] = None
+        self.lines = [f"fake worker {pid} says goodbye"]
+        self.closed = False
+
+    def poll(self) -> Optional[int]:
+        return self.returncode
+
+    def heartbeat(self) -> Optional[int]:
+        return self.mtime
+
+    def activate(self) -> None:
+        self.activated = True
+
+    def send(self, signum: int) -> None:
+        self.signals.append(signum)
+
+    def dump_stacks(self) -> None:
+        self.signals.append(signal.SIGUSR1)
+
+    def rss_mb(self) -> Optional[float]:
+        return self.rss
+
+    def last_lines(self) -> List[str]:
+        return self.lines
+
+    def close(self) -> None:
+        self.closed = True
+
+    def become_ready(self) -> None:
+        self.mtime = 1
+
+    def beat(self) -> None:
+        self.mtime += 1
+
+
+class Harness:
+    """A Supervisor, the processes it spawned, and a clock that only moves when told."""
+
+    def __init__(self, **settings: object) -> None:
+        defaults = dict(warm_spare=True, heartbeat_timeout=5.0, stop_timeout=3.0, start_timeout=10.0,
+                        backoff_max=16.0, healthy_after=30.0, state_dir=Path("/nonexistent"))
+        defaults.update(settings)
+        self.processes: List[FakeProcess] = []
+        self.now = 1000.0
+        self.supervisor = Supervisor(Settings(config_file=Path("config.ini"), **defaults), self.spawn)
+
+    def spawn(self, sentinel: Path) -> FakeProcess:
+        assert sentinel.name == f"worker-{len(self.processes) + 1}.sentinel"
+        process = FakeProcess(100 + len(self.processes))
+        self.processes.append(process)
+        return process
+
+    def tick(self, seconds: float = 0.05) -> None:
+        """Let time pass; the live workers keep their heartbeat."""
+        self.now += seconds
+        for process in self.processes:
+            if process.mtime is not None and process.returncode is None and process is not self.frozen:
+                process.beat()
+        self.supervisor.tick(self.now)
+
+    frozen: Optional[FakeProcess] = None  # a process whose heartbeat stopped
+
+    def state_of(self, process: FakeProcess) -> Optional[State]:
+        return next((w.state for w in self.supervisor.workers if w.process is process), None)
+
+    def serving(self) -> FakeProcess:
+        """Start up to an ACTIVE worker and a READY spare."""
+        self.tick()
+        self.processes[0].become_ready()
+        self.tick()
+        self.processes[1].become_ready()
+        self.tick()
+        assert [self.state_of(p) for p in self.processes] == [State.ACTIVE, State.READY]
+        return self.processes[0]
+
+
+def test_first_worker_is_activated_and_the_spare_starts_only_then() -> None:
+    harness = Harness()
+    harness.tick()
+    harness.tick()
+    assert len(harness.processes) == 1, "one model load at a time"
+    first = harness.processes[0]
+    first.become_ready()
+    harness.tick()
+    assert first.activated and harness.state_of(first) is State.ACTIVE
+    assert len(harness.processes) == 2
+    spare = harness.processes[1]
+    spare.become_ready()
+    harness.tick()
+    assert harness.state_of(spare) is State.READY and not spare.activated
+    harness.tick(10)
+    assert len(harness.processes) == 2
+
+
+def test_without_warm_spare_one_worker_runs() -> None:
+    harness = Harness(warm_spare=False)
+    harness.tick()
+    harness.processes[0].become_ready()
+    harness.tick()
+    harness.tick()
+    assert harness.processes[0].activated and len(harness.processes) == 1
+
+
+def test_planned_restart_promotes_the_spare_at_once_and_is_no_failure() -> None:
+    harness = Harness()
+    active = harness.serving()
+    spare = harness.processes[1]
+    active.mtime = None  # it served its requests and removed its sentinel
+    harness.tick()
+    assert harness.state_of(spare) is State.ACTIVE and spare.activated
+    assert harness.state_of(active) is State.RETIRING and active.signals == []
+    assert len(harness.processes) == 3, "a new spare starts"
+    active.returncode = 0
+    harness.tick()
+    assert harness.state_of(active) is None and active.closed
+    assert harness.supervisor.backoff_until < harness.now
+    assert harness.supervisor.next_backoff == 1.0
+
+
+def test_a_worker_that_removes_its_sentinel_and_exits_within_one_poll_is_planned() -> None:
+    harness = Harness()
+    active = harness.serving()
+    active.mtime, active.returncode = None, 0
+    harness.tick()
+    assert harness.processes[1].activated
+    assert harness.supervisor.backoff_until < harness.now
+
+
+def test_without_a_spare_the_next_worker_is_activated_when_ready() -> None:
+    harness = Harness(warm_spare=False)
+    harness.tick()
+    first = harness.processes[0]
+    first.become_ready()
+    harness.tick()
+    first.mtime = None
+    harness.tick()
+    second = harness.processes[1]
+    assert harness.state_of(second) is State.STARTING
+    second.become_ready()
+    harness.tick()
+    assert second.activated
+
+
+def test_a_retired_worker_that_lingers_gets_sigterm_then_sigkill() -> None:
+    harness = Harness()
+    active = harness.serving()
+    active.mtime = None
+    harness.tick()
+    harness.tick(2.9)
+    assert active.signals == []
+    harness.tick(0.2)
+    assert active.signals == [signal.SIGTERM]
+    harness.tick(3.1)
+    assert active.signals == [signal.SIGTERM, signal.SIGKILL]
+    active.returncode = -signal.SIGKILL
+    harness.tick()
+    assert harness.state_of(active) is None
+    assert harness.supervisor.backoff_until < harness.now, "a planned restart is no failure"
+
+
+def test_crash_of_the_active_worker_promotes_the_spare_and_backs_off(caplog: pytest.LogCaptureFixture) -> None:
+    harness = Harness()
+    active = harness.serving()
+    spare = harness.processes[1]
+    active.returncode = -signal.SIGSEGV
+    with caplog.at_level(logging.INFO, logger="watchdog"):
+        harness.tick()
+    assert spare.activated
+    assert "killed by SIGSEGV" in caplog.text and "fake worker 100 says goodbye" in caplog.text
+    assert "backoff: next worker in 1 s" in caplog.text
+    assert len(harness.processes) == 2, "no new spare during the backoff"
+    harness.tick(1.0)
+    assert len(harness.processes) == 3
+
+
+def test_crash_backoff_doubles_up_to_the_maximum_and_resets_after_healthy_after() -> None:
+    harness = Harness(warm_spare=False, backoff_max=8.0, healthy_after=30.0)
+    delays = []
+    for _ in range(5):
+        harness.tick()
+        process = harness.processes[-1]
+        process.returncode = 1
+        harness.tick()
+        crashed_at = harness.now
+        count = len(harness.processes)
+        while len(harness.processes) == count:
+            harness.tick(0.25)
+        delays.append(round(harness.now - crashed_at))
+    assert delays == [1, 2, 4, 8, 8]
+    harness.processes[-1].become_ready()
+    harness.tick()
+    harness.tick(29)
+    assert harness.supervisor.next_backoff == 8.0
+    harness.tick(2)
+    assert harness.supervisor.next_backoff == 1.0
+
+
+def test_cannot_load_backs_off_to_the_maximum_at_once_and_logs_critical(caplog: pytest.LogCaptureFixture) -> None:
+    harness = Harness(warm_spare=False, backoff_max=16.0)
+    harness.tick()
+    harness.processes[0].lines = ["loading", "ERROR cannot load model: no such file models/x.gguf"]
+    harness.processes[0].returncode = EXIT_CANNOT_LOAD
+    with caplog.at_level(logging.INFO, logger="watchdog"):
+        harness.tick()
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(critical) == 1 and "no such file models/x.gguf" in critical[0].getMessage()
+    harness.tick(15.9)
+    assert len(harness.processes) == 1
+    harness.tick(0.2)
+    assert len(harness.processes) == 2
+
+
+def test_a_hung_active_worker_is_dumped_terminated_killed_and_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    harness = Harness()
+    active = harness.serving()
+    spare = harness.processes[1]
+    harness.frozen = active
+    with caplog.at_level(logging.INFO, logger="watchdog"):
+        harness.tick(4.9)
+        assert active.signals == []
+        harness.tick(0.2)
+    assert active.signals == [signal.SIGUSR1, signal.SIGTERM]
+    assert "hung (no heartbeat for 5.1 s)" in caplog.text
+    assert spare.activated
+    harness.tick(3.0)
+    assert active.signals[-1] == signal.SIGKILL
+    active.returncode = -signal.SIGKILL
+    harness.tick()
+    assert harness.state_of(active) is None and "out of memory" not in caplog.text
+    harness.tick(1.0)
+    assert len(harness.processes) == 3, "a new spare after the backoff"
+
+
+def test_a_worker_that_never_becomes_ready_is_hung() -> None:
+    harness = Harness(start_timeout=10.0)
+    harness.tick()
+    starting = harness.processes[0]
+    harness.tick(9.9)
+    assert starting.signals == []
+    harness.tick(0.2)
+    assert starting.signals == [signal.SIGUSR1, signal.SIGTERM]
+    assert harness.state_of(starting) is State.RETIRING
+
+
+def test_a_spare_with_a_stale_heartbeat_is_hung_too() -> None:
+    harness = Harness()
+    harness.serving()
+    spare = harness.processes[1]
+    harness.frozen = spare
+    harness.tick(5.1)
+    assert spare.signals == [signal.SIGUSR1, signal.SIGTERM]
+    assert harness.state_of(harness.processes[0]) is State.ACTIVE
+
+
+def test_memory_above_max_rss_mb_swaps_in_the_spare_and_terminates_the_old_one() -> None:
+    harness = Harness(max_rss_mb=100)
+    active = harness.serving()
+    spare = harness.processes[1]
+    active.rss = 99.0
+    harness.tick()
+    assert harness.state_of(active) is State.ACTIVE
+    active.rss = 150.0
+    harness.tick()
+    assert spare.activated and active.signals == [signal.SIGTERM]
+    assert harness.supervisor.backoff_until < harness.now
+
+
+def test_memory_limit_without_spare_waits_for_a_successor() -> None:
+    harness = Harness(max_rss_mb=100, warm_spare=False)
+    harness.tick()
+    active = harness.processes[0]
+    active.become_ready()
+    harness.tick()
+    active.rss = 150.0
+    harness.tick()
+    assert active.signals == [] and len(harness.processes) == 2
+    harness.processes[1].become_ready()
+    harness.tick()
+    assert harness.processes[1].activated and active.signals == [signal.SIGTERM]
+
+
+def test_reload_keeps_the_active_worker_until_its_successor_is_ready() -> None:
+    harness = Harness()
+    active = harness.serving()
+    old_spare = harness.processes[1]
+    harness.supervisor.reload(harness.supervisor.settings, harness.now)
+    harness.tick()
+    assert old_spare.signals == [signal.SIGTERM]
+    assert harness.state_of(active) is State.ACTIVE and active.signals == []
+    successor = harness.processes[2]
+    successor.become_ready()
+    harness.tick()
+    assert successor.activated and active.signals == [signal.SIGTERM]
+    assert len(harness.processes) == 4, "then a new spare"
+
+
+def test_stop_terminates_every_worker_and_starts_none() -> None:
+    harness = Harness()
+    active = harness.serving()
+    spare = harness.processes[1]
+    harness.supervisor.stop(harness.now)
+    harness.tick(10)
+    assert active.signals[0] == spare.signals[0] == signal.SIGTERM
+    assert len(harness.processes) == 2 and not harness.supervisor.finished
+    active.returncode = spare.returncode = 0
+    harness.tick()
+    assert harness.supervisor.finished
+
+
+@pytest.mark.parametrize("returncode, killed_by_us, words", [
+    (0, False, "exited with code 0"),
+    (3, False, "exited with code 3"),
+    (-signal.SIGSEGV, False, "killed by SIGSEGV"),
+    (-signal.SIGKILL, False, "killed by SIGKILL: out of memory?"),
+    (-signal.SIGKILL, True, "killed by SIGKILL"),
+])
+def test_describe_exit(returncode: int, killed_by_us: bool, words: str) -> None:
+    assert describe_exit(returncode, killed_by_us) == words

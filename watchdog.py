@@ -1,0 +1,551 @@
+"""watchdog.py: the supervisor and the product's entry point, `python watchdog.py [--config FILE]`.
+
+It holds the listening socket, a lock file and logs/watchdog.log, and runs gpt4all_api.py as its
+workers: one ACTIVE worker accepts on the inherited socket while (with warm_spare) a READY spare
+waits with its model loaded. Clients that arrive while no worker accepts wait in the kernel backlog,
+so a restart delays a client and never refuses one. The protocol (../shared/DESIGN.md):
+
+- the socket's fd is passed in GPT4ALL_API_LISTEN_FD, the read end of a control pipe in
+  GPT4ALL_API_CONTROL_FD (b"A" = start accepting, EOF = the watchdog died: exit at once) and a
+  sentinel path in GPT4ALL_API_SENTINEL: the worker creates it when ready, touches it as a heartbeat
+  and removes it when its requests are done and a restart is due;
+- a worker's stdout and stderr come back through one pipe; the watchdog writes them to
+  logs/server.log (it is that file's single writer) and keeps the last lines for crash reports.
+
+Worker states, driven by Supervisor.tick(now):
+
+    STARTING --sentinel created--> READY --activated--> ACTIVE
+        |                            |                     |  sentinel removed, SIGTERM (hang, memory,
+        +----------------------------+---------------------+  reload, stop) --> RETIRING --exit--> gone
+
+An exit from any other state is a crash: the watchdog backs off (1 s doubling to backoff_max, at
+once to backoff_max for EXIT_CANNOT_LOAD) before it starts the next worker. This file never imports
+gpt4all. Read top to bottom: the worker's process, the state machine, the process-wide pieces, main().
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import enum
+import fcntl
+import logging
+import logging.handlers
+import math
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Callable, List, Optional
+
+from gpt4all_api import (ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, EXIT_CANNOT_LOAD, HERE, Settings,
+                         configure_logging, load_settings)
+
+log = logging.getLogger("watchdog")
+# The workers' output, written as is (the workers format their own lines) to logs/server.log.
+server_log = logging.getLogger("watchdog.server_log")
+
+WORKER_SCRIPT_ENV = "GPT4ALL_API_WORKER_SCRIPT"  # undocumented: tests run tests/fake_worker.py
+OUTPUT_LINES_KEPT = 30
+BACKOFF_START = 1.0
+# Settings that belong to the socket or the lock: a SIGHUP cannot change them.
+RESTART_ONLY_SETTINGS = ("host", "port", "backlog", "state_dir")
+
+
+# --------------------------------------------------------------------------------------------
+# A worker's process: the only part of the state machine that touches the operating system.
+# --------------------------------------------------------------------------------------------
+
+
+def worker_command(settings: Settings) -> List[str]:
+    script = os.environ.get(WORKER_SCRIPT_ENV) or str(HERE / "gpt4all_api.py")
+    return [sys.executable, "-u", script, "--config", str(settings.config_file)]
+
+
+def describe_exit(returncode: int, killed_by_us: bool) -> str:
+    """A return code in words, as the log shows it."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    if -returncode == signal.SIGKILL and not killed_by_us:
+        return f"killed by {name}: out of memory?"
+    return f"killed by {name}"
+
+
+class WorkerProcess:
+    """One worker's process group, control pipe, sentinel file and output pipe.
+
+    The Supervisor uses only pid and the methods, so unit tests replace this class with a fake.
+    """
+
+    def __init__(self, popen: subprocess.Popen, control_fd: int, sentinel: Path,
+                 selector: selectors.BaseSelector) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.control_fd = control_fd
+        self.sentinel = sentinel
+        self.selector = selector
+        self.output: Optional[IO[bytes]] = popen.stdout
+        os.set_blocking(popen.stdout.fileno(), False)
+        selector.register(popen.stdout, selectors.EVENT_READ, self)
+        self.partial_line = b""
+        self.recent_lines: collections.deque = collections.deque(maxlen=OUTPUT_LINES_KEPT)
+        self.echo_to_log = False
+
+    @classmethod
+    def spawn(cls, command: List[str], listen_fd: int, sentinel: Path,
+              selector: selectors.BaseSelector) -> WorkerProcess:
+        """Start a worker in its own process group; only it gets the read end of its control pipe."""
+        control_read, control_write = os.pipe()  # both non-inheritable: no other child gets them
+        env = dict(os.environ, **{ENV_LISTEN_FD: str(listen_fd), ENV_CONTROL_FD: str(control_read),
+                                  ENV_SENTINEL: str(sentinel)})
+        try:
+            popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, pass_fds=(listen_fd, control_read),
+                                     start_new_session=True, env=env)
+        except OSError:
+            os.close(control_write)
+            raise
+        finally:
+            os.close(control_read)
+        return cls(popen, control_write, sentinel, selector)
+
+    def poll(self) -> Optional[int]:
+        return self.popen.poll()
+
+    def heartbeat(self) -> Optional[int]:
+        """The sentinel's mtime in ns, None while it does not exist."""
+        try:
+            return os.stat(self.sentinel).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def activate(self) -> None:
+        try:
+            os.write(self.control_fd, b"A")
+        except BrokenPipeError:
+            pass  # it has just died: poll() tells how
+
+    def send(self, signum: int) -> None:
+        """Signal the worker's whole process group."""
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def dump_stacks(self) -> None:
+        """SIGUSR1: the worker's faulthandler writes its stacks, copied from now on into watchdog.log."""
+        self.echo_to_log = True
+        try:
+            os.kill(self.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+
+    def rss_mb(self) -> Optional[float]:
+        try:
+            with open(f"/proc/{self.pid}/status", encoding="ascii", errors="replace") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+    def read_output(self) -> None:
+        """Copy what the worker printed into server.log a line at a time, until the pipe is empty."""
+        while self.output is not None:
+            try:
+                data = os.read(self.output.fileno(), 1 << 16)
+            except BlockingIOError:
+                return
+            if not data:
+                self.close_output()
+                data = b"\n" if self.partial_line else b""
+            *lines, self.partial_line = (self.partial_line + data).split(b"\n")
+            for line in lines:
+                self.record_line(line.decode("utf-8", "replace").rstrip("\r"))
+
+    def record_line(self, line: str) -> None:
+        self.recent_lines.append(line)
+        server_log.info("%s", line)
+        if self.echo_to_log:
+            log.warning("pid %d: %s", self.pid, line)
+
+    def last_lines(self) -> List[str]:
+        return list(self.recent_lines)
+
+    def close_output(self) -> None:
+        if self.output is not None:
+            self.selector.unregister(self.output)
+            self.output.close()
+            self.output = None
+
+    def close(self) -> None:
+        """After the exit: read its last words, close our pipe ends, remove its sentinel."""
+        self.read_output()
+        self.close_output()
+        os.close(self.control_fd)
+        self.sentinel.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The state machine: no system calls of its own, time passed in, so tests drive it with fakes.
+# --------------------------------------------------------------------------------------------
+
+
+class State(enum.Enum):
+    STARTING = "starting"  # spawned, loading its model, no sentinel yet
+    READY = "ready"  # sentinel exists; waiting as the spare, not accepting
+    ACTIVE = "active"  # activated: accepting on the socket
+    RETIRING = "retiring"  # sentinel removed or SIGTERM sent: waiting for its exit
+
+
+@dataclasses.dataclass
+class Worker:
+    serial: int
+    process: WorkerProcess
+    state: State
+    since: float  # when it entered its state
+    heartbeat_mtime: Optional[int] = None
+    heartbeat_at: float = 0.0  # when the sentinel's mtime last changed
+    outdated: str = ""  # why an ACTIVE worker is to be replaced once a successor is READY
+    stop_deadline: float = math.inf  # RETIRING: when to send the next, harder signal
+    terminated: bool = False  # SIGTERM sent
+    killed: bool = False  # SIGKILL sent
+
+    def __str__(self) -> str:
+        return f"worker {self.serial} (pid {self.process.pid})"
+
+
+class Supervisor:
+    """Keeps one ACTIVE worker (and a READY spare) alive; the watchdog calls tick() every poll.
+
+    spawn_process(sentinel) starts a worker process and returns a WorkerProcess (or a fake).
+    """
+
+    def __init__(self, settings: Settings, spawn_process: Callable[[Path], WorkerProcess]) -> None:
+        self.settings = settings
+        self.spawn_process = spawn_process
+        self.workers: List[Worker] = []
+        self.serial = 0
+        self.stopping = False
+        self.next_backoff = BACKOFF_START  # the delay after the next crash
+        self.backoff_until = -math.inf  # BACKOFF: no new worker before this time
+        self.healthy_since: Optional[float] = None  # an ACTIVE worker since then, no failure
+
+    @property
+    def finished(self) -> bool:
+        return self.stopping and not self.workers
+
+    def find(self, state: State) -> Optional[Worker]:
+        return next((worker for worker in self.workers if worker.state is state), None)
+
+    def tick(self, now: float) -> None:
+        """One poll: react to exits, sentinels, heartbeats and deadlines; then activate and spawn."""
+        for worker in list(self.workers):
+            returncode = worker.process.poll()
+            if returncode is None:
+                self.check(worker, now)
+            else:
+                self.reap(worker, returncode, now)
+        self.reset_backoff_if_healthy(now)
+        self.activate_or_replace(now)
+        self.spawn_if_needed(now)
+
+    def check(self, worker: Worker, now: float) -> None:
+        settings = self.settings
+        if worker.state is State.RETIRING:
+            if now >= worker.stop_deadline:
+                self.escalate(worker, now)
+            return
+        mtime = worker.process.heartbeat()
+        if worker.state is State.STARTING:
+            if mtime is not None:
+                log.info("%s ready after %.1f s", worker, now - worker.since)
+                worker.state, worker.since = State.READY, now
+                worker.heartbeat_mtime, worker.heartbeat_at = mtime, now
+            elif now - worker.since > settings.start_timeout:
+                self.hung(worker, now, f"not ready after {settings.start_timeout:g} s")
+        elif mtime is None:
+            log.info("%s removed its sentinel: planned restart", worker)
+            self.retire(worker, now, terminate=False)
+        elif mtime != worker.heartbeat_mtime:
+            worker.heartbeat_mtime, worker.heartbeat_at = mtime, now
+        elif now - worker.heartbeat_at > settings.heartbeat_timeout:
+            self.hung(worker, now, f"no heartbeat for {now - worker.heartbeat_at:.1f} s")
+        if worker.state is State.ACTIVE and settings.max_rss_mb and not worker.outdated:
+            rss = worker.process.rss_mb()
+            if rss is not None and rss > settings.max_rss_mb:
+                worker.outdated = f"resident memory {rss:.0f} MiB above max_rss_mb = {settings.max_rss_mb}"
+                log.warning("%s to be replaced: %s", worker, worker.outdated)
+
+    def reap(self, worker: Worker, returncode: int, now: float) -> None:
+        sentinel_removed = worker.process.heartbeat() is None
+        worker.process.close()
+        self.workers.remove(worker)
+        how = describe_exit(returncode, worker.killed)
+        if worker.state is State.RETIRING:
+            log.info("%s %s after retiring", worker, how)
+        elif returncode == 0 and worker.state is not State.STARTING and sentinel_removed:
+            log.info("%s removed its sentinel and exited: planned restart", worker)
+        elif returncode == EXIT_CANNOT_LOAD:
+            lines = worker.process.last_lines()
+            log.critical("%s cannot load: %s", worker, lines[-1] if lines else "(no output)")
+            self.back_off(now, to_maximum=True)
+        else:
+            lines = "".join(f"\n    {line}" for line in worker.process.last_lines())
+            log.error("%s crashed while %s: %s; its last output:%s", worker, worker.state.value, how,
+                      lines or " (none)")
+            self.back_off(now)
+
+    def hung(self, worker: Worker, now: float, symptom: str) -> None:
+        log.error("%s hung (%s): dumping its stacks, then stopping it", worker, symptom)
+        worker.process.dump_stacks()
+        self.retire(worker, now, terminate=True)
+        self.back_off(now)
+
+    def back_off(self, now: float, to_maximum: bool = False) -> None:
+        delay = self.settings.backoff_max if to_maximum else min(self.next_backoff, self.settings.backoff_max)
+        self.next_backoff = min(delay * 2, self.settings.backoff_max)
+        self.backoff_until = now + delay
+        self.healthy_since = None
+        log.warning("backoff: next worker in %g s", delay)
+
+    def reset_backoff_if_healthy(self, now: float) -> None:
+        healthy = self.healthy_since is not None and now - self.healthy_since >= self.settings.healthy_after
+        if healthy and self.next_backoff > BACKOFF_START:
+            log.info("healthy for %g s: crash backoff reset to %g s", self.settings.healthy_after, BACKOFF_START)
+            self.next_backoff = BACKOFF_START
+
+    def retire(self, worker: Worker, now: float, terminate: bool) -> None:
+        """RETIRING: with terminate, SIGTERM (it finishes its requests); either way a deadline."""
+        worker.state, worker.since = State.RETIRING, now
+        worker.stop_deadline = now + self.settings.stop_timeout
+        if terminate:
+            worker.process.send(signal.SIGTERM)
+            worker.terminated = True
+
+    def escalate(self, worker: Worker, now: float) -> None:
+        """A RETIRING worker past its deadline: SIGTERM, and SIGKILL after another stop_timeout."""
+        if not worker.terminated:
+            log.warning("%s still running %g s after retiring: SIGTERM", worker, self.settings.stop_timeout)
+            self.retire(worker, now, terminate=True)
+        else:
+            log.warning("%s still running %g s after SIGTERM: SIGKILL", worker, self.settings.stop_timeout)
+            worker.process.send(signal.SIGKILL)
+            worker.killed = True
+            worker.stop_deadline = math.inf
+
+    def activate_or_replace(self, now: float) -> None:
+        """Keep an ACTIVE worker: promote a READY one when none is, or when the active one is outdated."""
+        active = self.find(State.ACTIVE)
+        successor = self.find(State.READY)
+        if successor is None or self.stopping:
+            return
+        if active is not None and active.outdated:
+            log.info("%s replaced by %s: %s", active, successor, active.outdated)
+            self.retire(active, now, terminate=True)
+        elif active is not None:
+            return
+        successor.process.activate()
+        successor.state, successor.since = State.ACTIVE, now
+        if self.healthy_since is None:
+            self.healthy_since = now
+        log.info("%s active", successor)
+
+    def spawn_if_needed(self, now: float) -> None:
+        """Start a worker when one is missing: one model load at a time, none while backing off."""
+        if self.stopping or now < self.backoff_until or self.find(State.STARTING):
+            return
+        current = [worker for worker in self.workers if worker.state is not State.RETIRING and not worker.outdated]
+        if len(current) >= (2 if self.settings.warm_spare else 1):
+            return
+        self.serial += 1
+        try:
+            process = self.spawn_process(self.settings.state_dir / f"worker-{self.serial}.sentinel")
+        except OSError as error:
+            log.error("cannot start worker %d: %s", self.serial, error)
+            self.back_off(now)
+            return
+        worker = Worker(self.serial, process, State.STARTING, since=now)
+        self.workers.append(worker)
+        log.info("%s started", worker)
+
+    def reload(self, settings: Settings, now: float) -> None:
+        """Roll onto new settings: the ACTIVE worker serves until a new one is READY."""
+        self.settings = settings
+        for worker in self.workers:
+            if worker.state is State.ACTIVE:
+                worker.outdated = "config reloaded"
+            elif worker.state is not State.RETIRING:
+                self.retire(worker, now, terminate=True)
+
+    def stop(self, now: float) -> None:
+        """Graceful stop: SIGTERM to every worker; each finishes its requests within stop_timeout."""
+        self.stopping = True
+        for worker in self.workers:
+            if not worker.terminated:
+                self.retire(worker, now, terminate=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The process-wide pieces: lock, socket, logs, signals, the main loop.
+# --------------------------------------------------------------------------------------------
+
+
+class LockHeld(Exception):
+    pass
+
+
+def acquire_lock(path: Path) -> IO[str]:
+    """An exclusive flock on path, holding our pid; LockHeld names the pid of the holder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+", encoding="ascii")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise LockHeld(f"another watchdog (pid {holder}) holds {path}") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def open_listening_socket(settings: Settings) -> socket.socket:
+    """systemd's socket (LISTEN_PID/LISTEN_FDS, fd 3) when activated by it, else bind host:port."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", "0")) >= 1:
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)  # meant for us, not for the workers
+        return socket.socket(fileno=3)
+    family = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM,
+                                flags=socket.AI_PASSIVE)[0][0]
+    return socket.create_server((settings.host, settings.port), family=family, backlog=settings.backlog)
+
+
+def configure_server_log(settings: Settings) -> None:
+    """logs/server.log: the workers' lines as they wrote them, through one rotating writer."""
+    for handler in list(server_log.handlers):
+        server_log.removeHandler(handler)
+        handler.close()
+    handler = logging.handlers.RotatingFileHandler(
+        settings.log_dir / "server.log", maxBytes=settings.log_max_bytes,
+        backupCount=settings.log_backup_count, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    server_log.addHandler(handler)
+    server_log.setLevel(logging.INFO)
+    server_log.propagate = False
+
+
+def remove_stale_sentinels(state_dir: Path) -> None:
+    for sentinel in state_dir.glob("*.sentinel"):
+        log.info("removing %s, left by a previous run", sentinel)
+        sentinel.unlink(missing_ok=True)
+
+
+class Watchdog:
+    """The main loop: read the workers' output, act on queued signals, tick the Supervisor."""
+
+    def __init__(self, settings: Settings, listener: socket.socket) -> None:
+        self.listener = listener
+        self.selector = selectors.DefaultSelector()
+        self.received_signals: List[int] = []
+        command = worker_command(settings)
+        self.supervisor = Supervisor(settings, lambda sentinel: WorkerProcess.spawn(
+            command, listener.fileno(), sentinel, self.selector))
+
+    def queue_signal(self, signum: int, frame: object) -> None:
+        self.received_signals.append(signum)  # nothing else here: the main loop logs and acts
+
+    def run(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self.queue_signal)
+        while not self.supervisor.finished:
+            for key, _ in self.selector.select(self.supervisor.settings.poll_interval):
+                key.data.read_output()
+            while self.received_signals:
+                self.handle_signal(self.received_signals.pop(0), time.monotonic())
+            self.supervisor.tick(time.monotonic())
+        self.selector.close()
+
+    def handle_signal(self, signum: int, now: float) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            self.reload(now)
+        elif not self.supervisor.stopping:
+            log.info("%s: stopping %d worker(s), each within %g s", name, len(self.supervisor.workers),
+                     self.supervisor.settings.stop_timeout)
+            self.supervisor.stop(now)
+
+    def reload(self, now: float) -> None:
+        """SIGHUP: re-read the config and roll the workers; a bad config keeps the old settings."""
+        if self.supervisor.stopping:
+            return
+        old = self.supervisor.settings
+        try:
+            new = load_settings(old.config_file)
+        except ValueError as error:
+            log.error("SIGHUP: keeping the old settings: %s", error)
+            return
+        changed = [name for name in RESTART_ONLY_SETTINGS if getattr(new, name) != getattr(old, name)]
+        if changed:
+            log.warning("SIGHUP: %s changed: that takes a restart of the watchdog; keeping %s",
+                        ", ".join(changed), ", ".join(f"{name} = {getattr(old, name)}" for name in changed))
+            new = dataclasses.replace(new, **{name: getattr(old, name) for name in changed})
+        configure_logging(new, "watchdog.log")
+        configure_server_log(new)
+        log.info("SIGHUP: %s reloaded, rolling the workers", new.config_file)
+        self.supervisor.reload(new, now)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Run gpt4all_api.py workers on one held socket, "
+                                                 "restarting them as config.ini's [watchdog] says.")
+    parser.add_argument("--config", type=Path, default=HERE / "config.ini", help="default: %(default)s")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ValueError as error:
+        print(f"watchdog: {error}", file=sys.stderr)
+        return 2
+    lock_file = settings.state_dir / "watchdog.lock"
+    try:
+        lock = acquire_lock(lock_file)
+    except LockHeld as error:
+        print(f"watchdog: {error}; not starting a second one", file=sys.stderr)
+        return 1
+    try:
+        configure_logging(settings, "watchdog.log")
+        configure_server_log(settings)
+        try:
+            listener = open_listening_socket(settings)
+        except OSError as error:
+            log.critical("cannot listen on %s:%d: %s", settings.host, settings.port, error)
+            return 2
+        with listener:
+            remove_stale_sentinels(settings.state_dir)
+            log.info("watchdog started: pid %d, config %s, listening on %s:%d, restart_after_requests = %d, "
+                     "warm_spare = %s, heartbeat_timeout = %g s, stop_timeout = %g s, backoff_max = %g s, "
+                     "max_rss_mb = %d, worker: %s", os.getpid(), settings.config_file,
+                     *listener.getsockname()[:2], settings.restart_after_requests, settings.warm_spare,
+                     settings.heartbeat_timeout, settings.stop_timeout, settings.backoff_max,
+                     settings.max_rss_mb, " ".join(worker_command(settings)))
+            Watchdog(settings, listener).run()
+        log.info("watchdog stopped")
+        return 0
+    finally:
+        lock_file.unlink(missing_ok=True)
+        lock.close()
+
+if __name__ == "__main__":
+    sys.exit(main())
