@@ -535,7 +535,7 @@ def parse_body_fields(request: Request) -> Dict[str, Any]:
             mime == "application/x-www-form-urlencoded" and request.body.lstrip()[:1] == b"{"):
         try:
             document = json.loads(request.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as error:
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
             raise ApiError(400, f"the body is not valid JSON: {error}", "invalid_json") from None
         if not isinstance(document, dict):
             raise ApiError(400, "the JSON body must be an object", "invalid_json")
@@ -586,11 +586,10 @@ def read_number(fields: Dict[str, Any], name: str, kind: type, default: Any, low
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             kind is int and isinstance(value, float) and not value.is_integer()) or value != value:
         raise ApiError(400, f"'{name}' must be {what}, got {json.dumps(value)}", "invalid_type", name)
-    value = kind(value)
-    if value < low or value > high or (low_open and value == low):
+    if value < low or value > high or (low_open and value == low):  # big ints compare exactly
         bounds = f"{'above' if low_open else 'at least'} {low} and at most {high}"
         raise ApiError(400, f"'{name}' must be {bounds}, got {value}", "out_of_range", name)
-    return value
+    return kind(value)
 
 
 def read_text(fields: Dict[str, Any], name: str, required: bool = False, default: Optional[str] = None) -> Optional[str]:
@@ -753,34 +752,43 @@ class ModelRunner:
         self.model, self.settings, self.template, self.heartbeat = model, settings, template, heartbeat
         self._generation = threading.Lock()
         self._counters = threading.Lock()
-        self.waiting = 0
+        self.admitted = 0  # running plus waiting
         self.busy = False
         self.completed = 0
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.admitted - 1)
 
     def generate(self, prompt: str, params: GenerationParams, client_alive: Callable[[], bool],
                  on_text: Optional[Callable[[str], None]] = None, on_admitted: Callable[[], None] = lambda: None
                  ) -> Completion:
         """Run one generation; on_text receives the answer as it grows (stop strings already cut)."""
         queued = time.monotonic()
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the prompt is not valid Unicode (it holds a lone surrogate)",
+                           "invalid_value", "prompt") from None
         with self._counters:
-            if self.busy and self.waiting >= self.settings.queue_size:
+            if self.admitted > self.settings.queue_size:
                 raise ApiError(503, f"the server is busy: {self.waiting} requests are waiting; retry later",
                                "queue_full", headers={"Retry-After": "5"})
-            self.waiting += 1
-        on_admitted()
+            self.admitted += 1
         try:
+            on_admitted()
             while not self._generation.acquire(timeout=0.2):
                 if not client_alive():
                     raise ClientGone()
+            try:
+                self.busy = True
+                return self._generate_locked(prompt, params, client_alive, on_text, queued)
+            finally:
+                self.busy = False
+                self._generation.release()
         finally:
             with self._counters:
-                self.waiting -= 1
-        try:
-            self.busy = True
-            return self._generate_locked(prompt, params, client_alive, on_text, queued)
-        finally:
-            self.busy = False
-            self._generation.release()
+                self.admitted -= 1
 
     def _generate_locked(self, prompt: str, params: GenerationParams, client_alive: Callable[[], bool],
                          on_text: Optional[Callable[[str], None]], queued: float) -> Completion:
@@ -791,10 +799,11 @@ class ModelRunner:
 
         def keep_going() -> bool:
             self.heartbeat()
-            if time.monotonic() > deadline:
-                state["finish"] = "timeout"
-            elif not client_alive():
-                state["error"] = ClientGone()
+            if state["finish"] is None and state["error"] is None:
+                if time.monotonic() > deadline:
+                    state["finish"] = "timeout"
+                elif not client_alive():
+                    state["error"] = ClientGone()
             return state["finish"] is None and state["error"] is None
 
         def on_prompt_token(token_id: int) -> bool:
@@ -1244,6 +1253,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_head(self, reply: Reply, length: Optional[int]) -> None:
         self.send_response(reply.status)
+        self.send_header("X-Worker-Pid", str(os.getpid()))  # shows that each answer came from a fresh process
         for name, value in reply.headers.items():
             self.send_header(name, value)
         if length is None:

@@ -1,0 +1,66 @@
+"""A stand-in for gpt4all 2.8.2's GPT4All object, as ModelRunner uses it, for fast unit tests.
+
+Like the real one, generate() feeds the prompt through model._prompt_callback (one call per
+whitespace word here), then hands the scripted answer pieces to callback(token_id, piece) until it
+returns False or max_tokens pieces are out, and returns the text handed out. A prompt larger than
+n_ctx words gets gpt4all's error text through callback(-1, ...) instead, and that text is returned.
+A prompt that is not encodable as UTF-8 raises UnicodeEncodeError, as gpt4all's prompt.encode() does.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+CONTEXT_ERROR_TEXT = "ERROR: The prompt size exceeds the context window size and cannot be processed."
+
+
+class FakeLLModel:
+    """The low-level model object: ModelRunner replaces its _prompt_callback."""
+
+    @staticmethod
+    def _prompt_callback(token_id: int) -> bool:
+        return True
+
+
+class FakeModel:
+    def __init__(self, pieces: Sequence[str] = ("Hello", " world"), n_ctx: int = 2048,
+                 delay: float = 0.0, gate: Optional[threading.Event] = None,
+                 error: Optional[BaseException] = None):
+        self.model = FakeLLModel()
+        self.pieces = list(pieces)
+        self.n_ctx = n_ctx
+        self.delay = delay  # seconds before each answer piece
+        self.gate = gate  # when given, generate() waits for it before answering
+        self.error = error  # raised inside generate(), as a broken model would
+        self.calls: List[Dict[str, Any]] = []  # the prompt and keyword arguments of every call
+        self.started = threading.Event()  # set when a generate() call begins
+
+    def generate(self, prompt: str, *, max_tokens: int = 200, temp: float = 0.7, top_k: int = 40,
+                 top_p: float = 0.4, min_p: float = 0.0, repeat_penalty: float = 1.18, repeat_last_n: int = 64,
+                 n_batch: int = 8, callback: Callable[[int, str], bool] = lambda token_id, piece: True) -> str:
+        self.calls.append({"prompt": prompt, "max_tokens": max_tokens, "temp": temp, "top_k": top_k,
+                           "top_p": top_p, "min_p": min_p, "repeat_penalty": repeat_penalty,
+                           "repeat_last_n": repeat_last_n, "n_batch": n_batch})
+        self.started.set()
+        prompt.encode()  # as gpt4all's prompt_model() does before calling llmodel_prompt
+        if self.gate is not None and not self.gate.wait(timeout=10):
+            raise RuntimeError("FakeModel: the gate was never opened")
+        if self.error is not None:
+            raise self.error
+        words = prompt.split()
+        if len(words) > self.n_ctx:
+            callback(-1, CONTEXT_ERROR_TEXT)
+            return CONTEXT_ERROR_TEXT
+        for token_id in range(len(words)):
+            if not self.model._prompt_callback(token_id):
+                return ""
+        answer = ""
+        for token_id, piece in enumerate(self.pieces[:max_tokens], start=1000):
+            if self.delay:
+                time.sleep(self.delay)
+            answer += piece
+            if not callback(token_id, piece):
+                break
+        return answer

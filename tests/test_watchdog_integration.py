@@ -1,0 +1,223 @@
+"""The watchdog on the real model: restarts after every request, crashes, hangs, signals, cron.
+
+Each test runs `watchdog.py` as a subprocess on a free port with its own config, state and logs,
+and talks HTTP to it; deadlines, not sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, Process, request, write_config
+
+QUESTION = {"prompt": "What is the capital of France?", "persona": "You are a geography teacher.",
+            "temperature": 0, "max_tokens": 12}
+LONG = {"prompt": "Count from 1 to 500, separated by commas.", "temperature": 0, "max_tokens": 400}
+
+
+def ask(process: Process, body: dict = QUESTION, timeout: float = 120):
+    """(status, worker pid, text) of one generation request."""
+    status, headers, answer = request(process.base_url, "POST", "/gpt4all_api", body, timeout=timeout)
+    return status, int(headers.get("x-worker-pid", 0)), answer.decode()
+
+
+def wait_until(predicate, timeout: float, process: Process, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    process.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def worker_pids(watchdog_pid: int) -> set:
+    """Pids of the watchdog's children (the workers)."""
+    try:
+        output = subprocess.run(["ps", "-o", "pid=", "--ppid", str(watchdog_pid)], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("ps is not available")
+    return {int(line) for line in output.stdout.split()}
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def active_pid(process: Process) -> int:
+    status, _, body = request(process.base_url, "GET", "/health", timeout=30)
+    assert status == 200, body
+    return json.loads(body)["pid"]
+
+
+def test_each_request_gets_a_fresh_worker(start):
+    watchdog = start("watchdog.py")
+    watchdog.wait_ready()
+    pids = []
+    for _ in range(5):
+        status, pid, text = ask(watchdog)
+        assert status == 200 and "Paris" in text, (status, text)
+        pids.append(pid)
+    assert len(set(pids)) == 5, pids
+    health = json.loads(request(watchdog.base_url, "GET", "/health")[2])
+    assert health["pid"] not in pids and health["requests_served"] == 0
+
+
+def test_no_client_is_refused_during_continuous_restarts(start):
+    watchdog = start("watchdog.py")
+    watchdog.wait_ready()
+    failures, answers = [], []
+
+    def client(number: int) -> None:
+        for index in range(15):
+            body = {"prompt": f"Repeat exactly: apple{number}{index}", "temperature": 0, "max_tokens": 6}
+            try:
+                status, pid, text = ask(watchdog, body)
+                answers.append(pid) if status == 200 else failures.append((status, text))
+            except OSError as error:
+                failures.append(repr(error))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    assert not failures, failures
+    assert len(answers) == 45 and len(set(answers)) == 45
+
+
+def test_sigkill_of_the_active_worker_mid_generation(start):
+    watchdog = start("watchdog.py")
+    watchdog.wait_ready()
+    victim = active_pid(watchdog)
+    outcome = {}
+    long_request = threading.Thread(target=lambda: outcome.update(result=_try(ask, watchdog, LONG)))
+    long_request.start()
+    time.sleep(1.0)  # the generation is under way
+    waiting = []
+    waiters = [threading.Thread(target=lambda: waiting.append(_try(ask, watchdog))) for _ in range(3)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.3)
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    long_request.join(60)
+    result = outcome["result"]
+    assert isinstance(result, Exception) or result[0] >= 500 or result[1] != victim, result
+    status, pid, text = ask(watchdog)
+    assert status == 200 and "Paris" in text and pid != victim
+    assert time.monotonic() - killed_at < 3 + 3 * 1.5, "the next request was not served in time"
+    for waiter in waiters:
+        waiter.join(120)
+    assert [entry[0] for entry in waiting] == [200, 200, 200], waiting
+    assert "SIGKILL" in watchdog.logs()
+
+
+def _try(function, *args):
+    try:
+        return function(*args)
+    except Exception as error:  # the client of a killed worker may see a closed connection
+        return error
+
+
+def test_a_stopped_worker_is_replaced_after_the_heartbeat_timeout(start):
+    watchdog = start("watchdog.py", {"watchdog": {"heartbeat_timeout": 3, "stop_timeout": 2}})
+    watchdog.wait_ready()
+    victim = active_pid(watchdog)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        status, pid, text = ask(watchdog, timeout=60)
+        assert status == 200 and "Paris" in text and pid != victim
+        wait_until(lambda: not process_alive(victim), 10, watchdog, "the hung worker to be killed")
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert "hang" in watchdog.logs().lower()
+
+
+def test_a_missing_model_backs_off_without_spinning(start):
+    watchdog = start("watchdog.py", {"model": {"model": "no-such-model.gguf"}, "watchdog": {"backoff_max": 4}})
+    time.sleep(9)  # observe the backoff over a fixed window: this test is about time passing
+    assert watchdog.popen.poll() is None, watchdog.logs()
+    logs = (watchdog.config.parent / "logs" / "watchdog.log").read_text()
+    assert "CRITICAL" in logs and "no-such-model.gguf" in logs, logs
+    fields = Path(f"/proc/{watchdog.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu_seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    assert cpu_seconds < 1.0, f"the watchdog used {cpu_seconds} s of CPU in 9 s"
+    starts = logs.count("cannot load")
+    assert 2 <= starts <= 5, logs
+
+
+def test_a_second_watchdog_exits_at_once(start):
+    first = start("watchdog.py")
+    first.wait_ready()
+    started = time.monotonic()
+    second = subprocess.run([sys.executable, str(REPO / "watchdog.py"), "--config", str(first.config)],
+                            capture_output=True, text=True, timeout=10)
+    assert second.returncode != 0
+    assert time.monotonic() - started < 3
+    assert str(first.popen.pid) in second.stderr + second.stdout
+    assert active_pid(first)
+
+
+def test_workers_die_with_their_watchdog(start):
+    watchdog = start("watchdog.py")
+    watchdog.wait_ready()
+    wait_until(lambda: len(worker_pids(watchdog.popen.pid)) == 2, 60, watchdog, "the warm spare")
+    workers = worker_pids(watchdog.popen.pid)
+    watchdog.popen.send_signal(signal.SIGKILL)
+    watchdog.popen.wait()
+    killed = time.monotonic()
+    wait_until(lambda: not any(process_alive(pid) for pid in workers), 5, watchdog, "orphaned workers to exit")
+    assert time.monotonic() - killed < 2.5
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", watchdog.port))
+
+
+def test_sigterm_lets_the_generation_finish(start):
+    watchdog = start("watchdog.py")
+    watchdog.wait_ready()
+    outcome = {}
+    body = {"prompt": "Count from 1 to 40, separated by commas.", "temperature": 0, "max_tokens": 120}
+    client = threading.Thread(target=lambda: outcome.update(result=ask(watchdog, body)))
+    client.start()
+    time.sleep(0.8)
+    workers = worker_pids(watchdog.popen.pid)
+    watchdog.popen.send_signal(signal.SIGTERM)
+    client.join(60)
+    status, _, text = outcome["result"]
+    assert status == 200 and "40" in text, text
+    assert watchdog.popen.wait(30) == 0
+    assert not any(process_alive(pid) for pid in workers)
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", watchdog.port))
+
+
+def test_starts_as_cron_would(tmp_path):
+    config = write_config(tmp_path)
+    process = Process("watchdog.py", config, env={"PATH": "/usr/bin:/bin"}, cwd="/",
+                      command=[os.path.abspath(sys.executable), str(REPO / "watchdog.py"), "--config", str(config)])
+    try:
+        process.wait_ready()
+        status, _, text = ask(process)
+        assert status == 200 and "Paris" in text
+    finally:
+        assert process.stop() == 0
