@@ -834,10 +834,14 @@ class ModelRunner:
                 state["error"] = error
                 return False
 
-        self.model.model._prompt_callback = on_prompt_token  # gpt4all 2.8.2 calls it per prompt token
-        self.model.generate(prompt, max_tokens=params.max_tokens, temp=params.temperature, top_k=params.top_k,
-                            top_p=params.top_p, min_p=params.min_p, repeat_penalty=params.repeat_penalty,
-                            repeat_last_n=params.repeat_last_n, n_batch=self.settings.n_batch, callback=on_token)
+        # gpt4all 2.8.2: GPT4All.generate() tokenizes with special=False, which spells the template's
+        # markers out as text; the low-level prompt_model() parses them as the special tokens they are.
+        # _prompt_callback is called once per prompt token.
+        self.model.model._prompt_callback = on_prompt_token
+        self.model.model.prompt_model(
+            prompt, "%1", on_token, n_predict=params.max_tokens, temp=params.temperature, top_k=params.top_k,
+            top_p=params.top_p, min_p=params.min_p, repeat_penalty=params.repeat_penalty,
+            repeat_last_n=params.repeat_last_n, n_batch=self.settings.n_batch, reset_context=True, special=True)
         if state["error"] is not None:
             raise state["error"]
         rest = scanner.flush()
@@ -1319,6 +1323,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """http.server's own errors (bad request line, header too long, unknown method) as JSON."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # the request line did not parse: still send a status line
+            self.request_version = self.protocol_version
         text = message or self.responses.get(code, ("error",))[0]
         reply = error_reply(ApiError(code, f"{text}{': ' + explain if explain else ''}", "bad_request"))
         try:
@@ -1327,8 +1333,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(reply.body)
         except OSError:
             pass
-        access_log.info("%s %s %s %d tokens=- pid=%d", self.client_address[0], self.command,
-                        (self.path or "-").split("?")[0], code, os.getpid())
+        path = getattr(self, "path", None) or "-"  # unset when the request line did not parse
+        access_log.info("%s %s %s %d tokens=- pid=%d", self.client_address[0], self.command or "-",
+                        path.split("?")[0], code, os.getpid())
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.client_address[0], *args)

@@ -94,9 +94,15 @@ class RawModel:
             return True
 
         s = self.settings
-        text = self.model.generate(chatml(prompt), max_tokens=MAX_TOKENS, temp=0.0, top_k=s.top_k, top_p=s.top_p,
-                                   min_p=s.min_p, repeat_penalty=s.repeat_penalty, repeat_last_n=s.repeat_last_n,
-                                   n_batch=s.n_batch, callback=callback)
+        pieces = []
+        # generate() without a chat session, but with the template's markers parsed as special tokens,
+        # as the server sends them (GPT4All.generate() itself would spell them out as text)
+        self.model.model.prompt_model(
+            chatml(prompt), "%1", lambda token_id, piece: pieces.append(piece) or callback(token_id, piece),
+            n_predict=MAX_TOKENS, temp=0.0, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+            repeat_penalty=s.repeat_penalty, repeat_last_n=s.repeat_last_n, n_batch=s.n_batch,
+            reset_context=True, special=True)
+        text = "".join(pieces)
         return time.monotonic() - started, text.replace("<|im_end|>", ""), state["tokens"], state["first"]
 
 

@@ -1,5 +1,6 @@
 """A stand-in for gpt4all 2.8.2's GPT4All object, as ModelRunner uses it, for fast unit tests.
 
+ModelRunner calls model.model.prompt_model(..., special=True), which lands in generate() here.
 Like the real one, generate() feeds the prompt through model._prompt_callback (one call per
 whitespace word here), then hands the scripted answer pieces to callback(token_id, piece) until it
 returns False or max_tokens pieces are out, and returns the text handed out. A prompt larger than
@@ -17,18 +18,32 @@ CONTEXT_ERROR_TEXT = "ERROR: The prompt size exceeds the context window size and
 
 
 class FakeLLModel:
-    """The low-level model object: ModelRunner replaces its _prompt_callback."""
+    """The low-level model object: ModelRunner replaces its _prompt_callback and calls prompt_model()."""
+
+    def __init__(self, owner: "FakeModel"):
+        self.owner = owner
+        self.special: Optional[bool] = None
 
     @staticmethod
     def _prompt_callback(token_id: int) -> bool:
         return True
+
+    def prompt_model(self, prompt: str, prompt_template: str, callback: Callable[[int, str], bool],
+                     n_predict: int = 4096, top_k: int = 40, top_p: float = 0.9, min_p: float = 0.0,
+                     temp: float = 0.1, n_batch: int = 8, repeat_penalty: float = 1.2, repeat_last_n: int = 10,
+                     context_erase: float = 0.75, reset_context: bool = False, special: bool = False) -> None:
+        assert prompt_template == "%1" and reset_context, "the runner must send the prompt as is, on a fresh context"
+        self.special = special
+        self.owner.generate(prompt, max_tokens=n_predict, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, n_batch=n_batch,
+                            callback=callback)
 
 
 class FakeModel:
     def __init__(self, pieces: Sequence[str] = ("Hello", " world"), n_ctx: int = 2048,
                  delay: float = 0.0, gate: Optional[threading.Event] = None,
                  error: Optional[BaseException] = None):
-        self.model = FakeLLModel()
+        self.model = FakeLLModel(self)
         self.pieces = list(pieces)
         self.n_ctx = n_ctx
         self.delay = delay  # seconds before each answer piece
