@@ -205,7 +205,7 @@ CONFIG_KEYS = [
     ("watchdog", "restart_after_requests", "restart_after_requests", _positive(int)),
     ("watchdog", "warm_spare", "warm_spare", _boolean),
     ("watchdog", "poll_interval", "poll_interval", _positive(float, strict=True)),
-    ("watchdog", "heartbeat_timeout", "heartbeat_timeout", _positive(float, strict=True)),
+    ("watchdog", "heartbeat_timeout", "heartbeat_timeout", _positive(float, 1)),
     ("watchdog", "stop_timeout", "stop_timeout", _positive(float, strict=True)),
     ("watchdog", "start_timeout", "start_timeout", _positive(float, strict=True)),
     ("watchdog", "backoff_max", "backoff_max", _positive(float, 1)),
@@ -497,6 +497,7 @@ class Request:
     body: bytes = b""
     body_error: Optional[ApiError] = None  # raised once the route is known to want the body
     client_alive: Callable[[], bool] = lambda: True
+    settle: Callable[[], None] = lambda: None  # tells the accept loop a generation was admitted
 
 
 @dataclasses.dataclass
@@ -870,16 +871,35 @@ class App:
         self.started, self.started_wall = time.monotonic(), time.time()
         self.stop_accepting = False  # set by SIGTERM, or when the restart after N requests is due
         self.generations_admitted = 0
-        self.in_flight = 0
+        self.in_flight = 0  # connections accepted and not yet answered (idle keep-alives excluded)
+        self.closed = False  # exiting: an idle keep-alive connection may not start another request
         self.lock = threading.Lock()
 
-    def admit_generation(self) -> None:
+    def admit_generation(self, request: Request) -> None:
         """Count a generation request; a worker stops accepting once its restart is due."""
         with self.lock:
             self.generations_admitted += 1
             due = self.settings.restart_after_requests
             if self.worker and due and self.generations_admitted >= due:
                 self.stop_accepting = True
+        request.settle()
+
+    def begin_request(self) -> bool:
+        with self.lock:
+            if self.closed:
+                return False
+            self.in_flight += 1
+            return True
+
+    def end_request(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+    def close_when_idle(self) -> bool:
+        """True (and no request may start any more) once nothing is in flight."""
+        with self.lock:
+            self.closed = self.in_flight == 0
+            return self.closed
 
     def require_runner(self) -> ModelRunner:
         if self.runner is None:
@@ -916,7 +936,7 @@ def handle_generate(app: App, request: Request) -> Reply:
     messages = ([{"role": "system", "content": persona}] if persona else []) + [{"role": "user", "content": prompt}]
     params = dataclasses.replace(params, stop=params.stop + (runner.template.end,))
     completion = runner.generate(runner.template.render(messages), params, request.client_alive,
-                                 on_admitted=app.admit_generation)
+                                 on_admitted=lambda: app.admit_generation(request))
     log_exchange(app, prompt, completion)
     if "application/json" in request.headers.get("accept", ""):
         reply = json_reply(200, {"response": completion.text, "model": app.settings.model_id,
@@ -1032,7 +1052,8 @@ def openai_completion(app: App, request: Request, prompt: str, params: Generatio
                 "finish_reason": reason}
 
     if not stream:
-        completion = runner.generate(prompt, params, request.client_alive, on_admitted=app.admit_generation)
+        completion = runner.generate(prompt, params, request.client_alive,
+                                     on_admitted=lambda: app.admit_generation(request))
         log_exchange(app, prompt, completion)
         reply = json_reply(200, {**head, "object": "chat.completion" if chat else "text_completion",
                                  "choices": [choice(completion.text, completion.finish_reason, role=True)],
@@ -1056,7 +1077,7 @@ def openai_completion(app: App, request: Request, prompt: str, params: Generatio
 
         completion = runner.generate(prompt, params, request.client_alive,
                                      on_text=lambda text: send([choice(text, None)]),
-                                     on_admitted=app.admit_generation)
+                                     on_admitted=lambda: app.admit_generation(request))
         send([choice(None if chat else "", completion.finish_reason)])
         if include_usage:
             send([], usage=completion.usage())
@@ -1156,7 +1177,25 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.timeout = self.server.app.settings.socket_timeout
+        self.counted = True  # in app.in_flight since the accept
+        self.settled = self.server.settle_events.pop(self.request, threading.Event())
         super().setup()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        finally:
+            self.settled.set()
+            if self.counted:
+                self.server.app.end_request()
+
+    def parse_request(self) -> bool:
+        if not self.counted:  # a new request on a kept-alive connection
+            if not self.server.app.begin_request():
+                self.close_connection = True
+                return False
+            self.counted = True
+        return super().parse_request()
 
     def do_GET(self) -> None:
         self.handle_any()
@@ -1166,15 +1205,13 @@ class Handler(BaseHTTPRequestHandler):
     def handle_any(self) -> None:
         app = self.server.app
         started = time.monotonic()
-        with app.lock:
-            app.in_flight += 1
         reply: Optional[Reply] = None
         try:
             url = urlsplit(self.path)
             path = url.path.rstrip("/") or "/"
             request = Request(self.command, path, dict(parse_qsl(url.query, keep_blank_values=True)),
                               {name.lower(): value for name, value in self.headers.items()},
-                              client_alive=lambda: client_connected(self.connection))
+                              client_alive=lambda: client_connected(self.connection), settle=self.settled.set)
             try:
                 request.body = self.read_body(bool(url.query))
             except ApiError as error:
@@ -1184,8 +1221,10 @@ class Handler(BaseHTTPRequestHandler):
         except ClientGone:
             self.close_connection = True
         finally:
-            with app.lock:
-                app.in_flight -= 1
+            self.settled.set()
+            if not self.close_connection:  # idle until its next request: not in flight
+                self.counted = False
+                app.end_request()
             status = reply.status if reply else 499  # 499: the client left first (nginx's code)
             tokens = reply.usage.get("completion_tokens", "-") if reply else "-"
             access_log.info("%s %s %s %d %.3fs tokens=%s pid=%d", self.client_address[0], self.command,
@@ -1350,6 +1389,7 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, app: App, listen_socket: Optional[socket.socket] = None):
         self.app = app
+        self.settle_events: Dict[socket.socket, threading.Event] = {}  # set once a request is known
         self.request_queue_size = app.settings.backlog
         settings = app.settings
         if listen_socket is None:
@@ -1369,16 +1409,20 @@ def serve_until_stopped(server: Server, app: App, idle_tick: Callable[[], None])
     """Accept connections until app.stop_accepting; idle_tick runs between polls (heartbeat)."""
     poller = select.poll()
     poller.register(server.socket, select.POLLIN)
+    one_request_at_a_time = app.worker and app.settings.restart_after_requests > 0
     while not app.stop_accepting:
         if poller.poll(100):
             try:
                 connection, address = server.get_request()
             except OSError:  # BlockingIOError when another worker took it first
                 continue
-            if server.verify_request(connection, address):
-                server.process_request(connection, address)
-            else:
-                server.shutdown_request(connection)
+            settled = server.settle_events[connection] = threading.Event()
+            app.begin_request()
+            server.process_request(connection, address)
+            if one_request_at_a_time:
+                # Know what this request is before taking the next one: a worker whose restart it
+                # makes due must leave the next request in the backlog, for its successor.
+                settled.wait(2.0)
         idle_tick()
 
 
@@ -1504,7 +1548,7 @@ def run_server(settings: Settings) -> int:
     if "error" in loaded:
         log.critical("%s", loaded["error"])
         return EXIT_CANNOT_LOAD
-    while app.in_flight:  # let the requests already accepted finish and reach their clients
+    while not app.close_when_idle():  # let the requests already accepted finish and reach their clients
         idle_tick()
         time.sleep(0.01)
     sentinel.remove()

@@ -1,16 +1,14 @@
-"""watchdog.py: the supervisor and the product's entry point, `python watchdog.py [--config FILE]`.
+"""watchdog.py: the product's entry point, `python watchdog.py [--config FILE]`; supervises gpt4all_api.py.
 
-It holds the listening socket, a lock file and logs/watchdog.log, and runs gpt4all_api.py as its
-workers: one ACTIVE worker accepts on the inherited socket while (with warm_spare) a READY spare
-waits with its model loaded. Clients that arrive while no worker accepts wait in the kernel backlog,
-so a restart delays a client and never refuses one. The protocol (../shared/DESIGN.md):
-
-- the socket's fd is passed in GPT4ALL_API_LISTEN_FD, the read end of a control pipe in
-  GPT4ALL_API_CONTROL_FD (b"A" = start accepting, EOF = the watchdog died: exit at once) and a
-  sentinel path in GPT4ALL_API_SENTINEL: the worker creates it when ready, touches it as a heartbeat
-  and removes it when its requests are done and a restart is due;
-- a worker's stdout and stderr come back through one pipe; the watchdog writes them to
-  logs/server.log (it is that file's single writer) and keeps the last lines for crash reports.
+It holds the listening socket (bound once, or systemd's), a lock file and logs/watchdog.log. One
+ACTIVE worker accepts on the inherited socket while, with warm_spare, a READY spare waits with its
+model loaded; a client that comes while no worker accepts waits in the kernel backlog, so a restart
+delays it and never refuses it. A worker gets (../shared/DESIGN.md) the socket's fd in
+GPT4ALL_API_LISTEN_FD, the read end of a control pipe in GPT4ALL_API_CONTROL_FD (b"A" = accept now,
+EOF = the watchdog died: exit at once) and a sentinel path in GPT4ALL_API_SENTINEL (created when
+ready, touched as a heartbeat, removed when its requests are done and its restart is due). Its
+stdout and stderr come back through one pipe into logs/server.log, of which the watchdog is the
+single writer.
 
 Worker states, driven by Supervisor.tick(now):
 
@@ -18,9 +16,11 @@ Worker states, driven by Supervisor.tick(now):
         |                            |                     |  sentinel removed, SIGTERM (hang, memory,
         +----------------------------+---------------------+  reload, stop) --> RETIRING --exit--> gone
 
-An exit from any other state is a crash: the watchdog backs off (1 s doubling to backoff_max, at
-once to backoff_max for EXIT_CANNOT_LOAD) before it starts the next worker. This file never imports
-gpt4all. Read top to bottom: the worker's process, the state machine, the process-wide pieces, main().
+An exit from any other state is a crash: the watchdog backs off (1 s doubling to backoff_max; at
+once backoff_max for EXIT_CANNOT_LOAD) before it starts the next worker. SIGTERM or SIGINT: graceful
+stop, exit status 0. SIGHUP: re-read the config, roll the workers. Exit status 1: another watchdog
+holds the lock; 2: bad config or cannot listen. This file never imports gpt4all. Read top to bottom:
+the worker's process, the state machine, the process-wide pieces, main().
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class Worker:
     serial: int
     process: WorkerProcess
     state: State
-    since: float  # when it entered its state
+    started_at: float
     heartbeat_mtime: Optional[int] = None
     heartbeat_at: float = 0.0  # when the sentinel's mtime last changed
     outdated: str = ""  # why an ACTIVE worker is to be replaced once a successor is READY
@@ -269,18 +269,18 @@ class Supervisor:
         mtime = worker.process.heartbeat()
         if worker.state is State.STARTING:
             if mtime is not None:
-                log.info("%s ready after %.1f s", worker, now - worker.since)
-                worker.state, worker.since = State.READY, now
+                log.info("%s ready after %.1f s", worker, now - worker.started_at)
+                worker.state = State.READY
                 worker.heartbeat_mtime, worker.heartbeat_at = mtime, now
-            elif now - worker.since > settings.start_timeout:
-                self.hung(worker, now, f"not ready after {settings.start_timeout:g} s")
+            elif now - worker.started_at > settings.start_timeout:
+                self.handle_hang(worker, now, f"not ready after {settings.start_timeout:g} s")
         elif mtime is None:
             log.info("%s removed its sentinel: planned restart", worker)
             self.retire(worker, now, terminate=False)
         elif mtime != worker.heartbeat_mtime:
             worker.heartbeat_mtime, worker.heartbeat_at = mtime, now
         elif now - worker.heartbeat_at > settings.heartbeat_timeout:
-            self.hung(worker, now, f"no heartbeat for {now - worker.heartbeat_at:.1f} s")
+            self.handle_hang(worker, now, f"no heartbeat for {now - worker.heartbeat_at:.1f} s")
         if worker.state is State.ACTIVE and settings.max_rss_mb and not worker.outdated:
             rss = worker.process.rss_mb()
             if rss is not None and rss > settings.max_rss_mb:
@@ -306,15 +306,17 @@ class Supervisor:
                       lines or " (none)")
             self.back_off(now)
 
-    def hung(self, worker: Worker, now: float, symptom: str) -> None:
-        log.error("%s hung (%s): dumping its stacks, then stopping it", worker, symptom)
+    def handle_hang(self, worker: Worker, now: float, symptom: str) -> None:
+        log.error("%s hangs (%s): dumping its stacks, then stopping it", worker, symptom)
         worker.process.dump_stacks()
         self.retire(worker, now, terminate=True)
         self.back_off(now)
 
     def back_off(self, now: float, to_maximum: bool = False) -> None:
-        delay = self.settings.backoff_max if to_maximum else min(self.next_backoff, self.settings.backoff_max)
-        self.next_backoff = min(delay * 2, self.settings.backoff_max)
+        """Delay the next worker: 1 s doubling to backoff_max; a worker that cannot load gets one
+        quick retry (the file may have been in the middle of a copy), then backoff_max every time."""
+        delay = min(self.next_backoff, self.settings.backoff_max)
+        self.next_backoff = self.settings.backoff_max if to_maximum else min(delay * 2, self.settings.backoff_max)
         self.backoff_until = now + delay
         self.healthy_since = None
         log.warning("backoff: next worker in %g s", delay)
@@ -327,7 +329,7 @@ class Supervisor:
 
     def retire(self, worker: Worker, now: float, terminate: bool) -> None:
         """RETIRING: with terminate, SIGTERM (it finishes its requests); either way a deadline."""
-        worker.state, worker.since = State.RETIRING, now
+        worker.state = State.RETIRING
         worker.stop_deadline = now + self.settings.stop_timeout
         if terminate:
             worker.process.send(signal.SIGTERM)
@@ -356,7 +358,7 @@ class Supervisor:
         elif active is not None:
             return
         successor.process.activate()
-        successor.state, successor.since = State.ACTIVE, now
+        successor.state = State.ACTIVE
         if self.healthy_since is None:
             self.healthy_since = now
         log.info("%s active", successor)
@@ -375,7 +377,7 @@ class Supervisor:
             log.error("cannot start worker %d: %s", self.serial, error)
             self.back_off(now)
             return
-        worker = Worker(self.serial, process, State.STARTING, since=now)
+        worker = Worker(self.serial, process, State.STARTING, started_at=now)
         self.workers.append(worker)
         log.info("%s started", worker)
 
@@ -457,7 +459,6 @@ class Watchdog:
     """The main loop: read the workers' output, act on queued signals, tick the Supervisor."""
 
     def __init__(self, settings: Settings, listener: socket.socket) -> None:
-        self.listener = listener
         self.selector = selectors.DefaultSelector()
         self.received_signals: List[int] = []
         command = worker_command(settings)
@@ -543,9 +544,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             Watchdog(settings, listener).run()
         log.info("watchdog stopped")
         return 0
+    except Exception:
+        log.critical("watchdog failed; its workers exit with it", exc_info=True)
+        raise
     finally:
         lock_file.unlink(missing_ok=True)
         lock.close()
+
 
 if __name__ == "__main__":
     sys.exit(main())

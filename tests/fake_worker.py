@@ -5,7 +5,8 @@ The watchdog runs it when GPT4ALL_API_WORKER_SCRIPT points here. Like the real w
 accepts on the inherited socket; it exits 4 at once on EOF of the control pipe, retires after
 [watchdog] restart_after_requests requests or on SIGTERM (stop accepting, finish the requests in
 flight, remove the sentinel, exit 0) and dumps its stacks on SIGUSR1. Every request except
-GET /health counts and is answered with {"pid": ..., "requests_served": n} after ?delay=SECONDS.
+GET /health counts and is answered with {"pid": ..., "requests_served": n} after ?delay=SECONDS;
+?hang=1 stops the heartbeat and never answers, like a stuck native generation.
 
 Knobs (environment): FAKE_WORKER_LOAD_SECONDS (default 0.2); FAKE_WORKER_EXIT_AT_START=CODE exits
 with CODE instead of becoming ready (3 = cannot load, with a one-line reason).
@@ -41,6 +42,7 @@ class FakeWorker:
         self.requests_served = 0
         self.lock = threading.Lock()
         self.activated = False
+        self.hung = False  # a request asked to hang: no more heartbeats
         self.retiring = False  # set by SIGTERM or by the last request: stop accepting
 
     def count_request(self) -> int:
@@ -57,6 +59,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         query = parse_qs(urlsplit(self.path).query)
         served = self.worker.requests_served if urlsplit(self.path).path == "/health" else self.worker.count_request()
+        log.info("request %d: %s", served, self.path)
+        if "hang" in query:
+            self.worker.hung = True
+            threading.Event().wait()
         time.sleep(float(query.get("delay", ["0"])[0]))
         body = json.dumps({"pid": os.getpid(), "requests_served": served}).encode()
         self.send_response(200)
@@ -80,8 +86,8 @@ def watch_control_pipe(fd: int, worker: FakeWorker) -> None:
             worker.activated = True
 
 
-def keep_heartbeat(sentinel: Path) -> None:
-    while True:
+def keep_heartbeat(sentinel: Path, worker: FakeWorker) -> None:
+    while not worker.hung:
         try:
             os.utime(sentinel)
         except FileNotFoundError:
@@ -93,6 +99,7 @@ def serve(listener: socket.socket, worker: FakeWorker) -> None:
     """Accept until retiring, then wait for the requests in flight (server_close joins them)."""
     Handler.worker = worker
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+    server.daemon_threads = False  # so that server_close() waits for the requests in flight
     server.socket.close()
     server.socket = listener
     selector = selectors.DefaultSelector()
@@ -127,7 +134,7 @@ def main() -> int:
         log.error("cannot load the model: FAKE_WORKER_EXIT_AT_START=%s", exit_code)
         return int(exit_code)
     sentinel.touch()
-    threading.Thread(target=keep_heartbeat, args=(sentinel,), daemon=True).start()
+    threading.Thread(target=keep_heartbeat, args=(sentinel, worker), daemon=True).start()
     log.info("ready, waiting for activation")
     while not (worker.activated or worker.retiring):
         time.sleep(0.02)

@@ -160,6 +160,7 @@ def test_a_missing_model_backs_off_without_spinning(start):
     fields = Path(f"/proc/{watchdog.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu_seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     assert cpu_seconds < 1.0, f"the watchdog used {cpu_seconds} s of CPU in 9 s"
+    assert "next worker in 1 s" in logs and "next worker in 4 s" in logs, "growing delays"
     starts = logs.count("cannot load")
     assert 2 <= starts <= 5, logs
 

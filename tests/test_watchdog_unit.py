@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gpt4all_api import EXIT_CANNOT_LOAD, Settings  # noqa: E402
-from watchdog import State, Supervisor, describe_exit  # noqa: E402
+from gpt4all_api import EXIT_CANNOT_LOAD, Settings
+from watchdog import State, Supervisor, describe_exit
 
 
 class FakeProcess:
@@ -67,6 +65,7 @@ class Harness:
                         backoff_max=16.0, healthy_after=30.0, state_dir=Path("/nonexistent"))
         defaults.update(settings)
         self.processes: List[FakeProcess] = []
+        self.frozen: Optional[FakeProcess] = None  # a process whose heartbeat stopped
         self.now = 1000.0
         self.supervisor = Supervisor(Settings(config_file=Path("config.ini"), **defaults), self.spawn)
 
@@ -83,8 +82,6 @@ class Harness:
             if process.mtime is not None and process.returncode is None and process is not self.frozen:
                 process.beat()
         self.supervisor.tick(self.now)
-
-    frozen: Optional[FakeProcess] = None  # a process whose heartbeat stopped
 
     def state_of(self, process: FakeProcess) -> Optional[State]:
         return next((w.state for w in self.supervisor.workers if w.process is process), None)
@@ -221,7 +218,8 @@ def test_crash_backoff_doubles_up_to_the_maximum_and_resets_after_healthy_after(
     assert harness.supervisor.next_backoff == 1.0
 
 
-def test_cannot_load_backs_off_to_the_maximum_at_once_and_logs_critical(caplog: pytest.LogCaptureFixture) -> None:
+def test_cannot_load_retries_once_quickly_then_at_the_maximum_and_logs_critical(
+        caplog: pytest.LogCaptureFixture) -> None:
     harness = Harness(warm_spare=False, backoff_max=16.0)
     harness.tick()
     harness.processes[0].lines = ["loading", "ERROR cannot load model: no such file models/x.gguf"]
@@ -230,10 +228,16 @@ def test_cannot_load_backs_off_to_the_maximum_at_once_and_logs_critical(caplog: 
         harness.tick()
     critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
     assert len(critical) == 1 and "no such file models/x.gguf" in critical[0].getMessage()
-    harness.tick(15.9)
+    harness.tick(0.9)
     assert len(harness.processes) == 1
     harness.tick(0.2)
+    assert len(harness.processes) == 2, "one quick retry"
+    harness.processes[1].returncode = EXIT_CANNOT_LOAD
+    harness.tick()
+    harness.tick(15.9)
     assert len(harness.processes) == 2
+    harness.tick(0.2)
+    assert len(harness.processes) == 3, "then the maximum backoff"
 
 
 def test_a_hung_active_worker_is_dumped_terminated_killed_and_replaced(caplog: pytest.LogCaptureFixture) -> None:
@@ -246,7 +250,7 @@ def test_a_hung_active_worker_is_dumped_terminated_killed_and_replaced(caplog: p
         assert active.signals == []
         harness.tick(0.2)
     assert active.signals == [signal.SIGUSR1, signal.SIGTERM]
-    assert "hung (no heartbeat for 5.1 s)" in caplog.text
+    assert "hangs (no heartbeat for 5.1 s)" in caplog.text
     assert spare.activated
     harness.tick(3.0)
     assert active.signals[-1] == signal.SIGKILL
