@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import dataclasses
 import enum
 import fcntl
@@ -43,8 +44,8 @@ import time
 from pathlib import Path
 from typing import IO, Callable, List, Optional
 
-from gpt4all_api import (ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, EXIT_CANNOT_LOAD, HERE, Settings,
-                         configure_logging, load_settings)
+from gpt4all_api import (ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, HERE,
+                         Settings, configure_logging, load_settings)
 
 log = logging.getLogger("watchdog")
 # The workers' output, written as is (the workers format their own lines) to logs/server.log.
@@ -102,14 +103,19 @@ class WorkerProcess:
 
     @classmethod
     def spawn(cls, command: List[str], listen_fd: int, sentinel: Path,
-              selector: selectors.BaseSelector) -> WorkerProcess:
-        """Start a worker in its own process group; only it gets the read end of its control pipe."""
+              selector: selectors.BaseSelector, zygote_fd: Optional[int] = None) -> WorkerProcess:
+        """Start a worker (or, with zygote_fd, the zygote) in its own process group; only it gets
+        the read end of its control pipe."""
         control_read, control_write = os.pipe()  # both non-inheritable: no other child gets them
         env = dict(os.environ, **{ENV_LISTEN_FD: str(listen_fd), ENV_CONTROL_FD: str(control_read),
                                   ENV_SENTINEL: str(sentinel)})
+        passed = (listen_fd, control_read)
+        if zygote_fd is not None:
+            command, passed = command + ["--zygote"], (control_read, zygote_fd)
+            env = dict(os.environ, **{ENV_ZYGOTE_FD: str(zygote_fd)})
         try:
             popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, pass_fds=(listen_fd, control_read),
+                                     stderr=subprocess.STDOUT, pass_fds=passed,
                                      start_new_session=True, env=env)
         except OSError:
             os.close(control_write)
@@ -194,6 +200,119 @@ class WorkerProcess:
         self.close_output()
         os.close(self.control_fd)
         self.sentinel.unlink(missing_ok=True)
+
+
+class ForkedProcess:
+    """What WorkerProcess needs of a Popen, for a worker forked by the zygote: our child only
+    because the watchdog is a child subreaper, so we wait for it by pid."""
+
+    def __init__(self, pid: int, stdout: IO[bytes]) -> None:
+        self.pid, self.stdout = pid, stdout
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: its code is lost
+                self.returncode = -int(signal.SIGKILL)
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def become_subreaper() -> bool:
+    """PR_SET_CHILD_SUBREAPER: orphaned descendants (the zygote's workers) become our children."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class Zygote:
+    """A gpt4all_api.py process that loads the model once and forks ready workers in milliseconds.
+
+    A fresh worker per request would otherwise load the model each time, on the cores the active
+    worker is generating on. Any failure here (not Linux, not ready yet, dead, slow to answer) makes
+    spawn() return None, and the worker is started the ordinary way.
+    """
+
+    def __init__(self, settings: Settings, listener: socket.socket, selector: selectors.BaseSelector) -> None:
+        self.settings, self.listener, self.selector = settings, listener, selector
+        self.process: Optional[WorkerProcess] = None
+        self.channel: Optional[socket.socket] = None
+        self.ready = False
+        self.next_start = 0.0
+        self.delay = BACKOFF_START
+
+    def start(self, now: float) -> None:
+        self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.process = WorkerProcess.spawn(worker_command(self.settings), self.listener.fileno(),
+                                               self.settings.state_dir / "zygote.sentinel", self.selector,
+                                               zygote_fd=theirs.fileno())
+        except OSError as error:
+            log.warning("cannot start the zygote: %s", error)
+            self.channel.close()
+            self.channel = None
+        finally:
+            theirs.close()
+        self.ready, self.next_start = False, now + self.delay
+        if self.process:
+            log.info("zygote (pid %d) loading the model", self.process.pid)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send(signal.SIGKILL)
+            while self.process.poll() is None:
+                time.sleep(0.01)
+            self.process.close()
+        if self.channel is not None:
+            self.channel.close()
+        self.process, self.channel, self.ready = None, None, False
+
+    def check(self, now: float) -> None:
+        """Notice readiness and deaths; restart a dead zygote, backing off while it keeps dying."""
+        if self.process is not None and self.process.poll() is not None:
+            log.warning("zygote (pid %d) %s; workers are started without it", self.process.pid,
+                        describe_exit(self.process.poll(), False))
+            self.delay = BACKOFF_START if self.ready else min(self.delay * 2, self.settings.backoff_max)
+            self.stop()
+        if self.process is None and now >= self.next_start:
+            self.start(now)
+        if self.process is not None and not self.ready:
+            self.channel.setblocking(False)
+            try:
+                self.ready = self.channel.recv(16) == b"ready"
+            except BlockingIOError:
+                pass
+            if self.ready:
+                log.info("zygote (pid %d) ready: workers are forked from it", self.process.pid)
+
+    def spawn(self, sentinel: Path) -> Optional[WorkerProcess]:
+        if not self.ready:
+            return None
+        control_read, control_write = os.pipe()
+        output_read, output_write = os.pipe()
+        try:
+            self.channel.settimeout(5.0)
+            socket.send_fds(self.channel, [str(sentinel).encode()],
+                            [self.listener.fileno(), control_read, output_write])
+            pid = int(self.channel.recv(32))
+        except (OSError, ValueError) as error:
+            log.warning("the zygote did not fork a worker (%s): restarting it", error)
+            self.stop()
+            for fd in (control_write, output_read):
+                os.close(fd)
+            return None
+        finally:
+            os.close(control_read)
+            os.close(output_write)
+        return WorkerProcess(ForkedProcess(pid, os.fdopen(output_read, "rb", buffering=0)), control_write,
+                             sentinel, self.selector)
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,11 +578,19 @@ class Watchdog:
     """The main loop: read the workers' output, act on queued signals, tick the Supervisor."""
 
     def __init__(self, settings: Settings, listener: socket.socket) -> None:
+        self.listener = listener
         self.selector = selectors.DefaultSelector()
         self.received_signals: List[int] = []
-        command = worker_command(settings)
-        self.supervisor = Supervisor(settings, lambda sentinel: WorkerProcess.spawn(
-            command, listener.fileno(), sentinel, self.selector))
+        self.supervisor = Supervisor(settings, self.spawn_worker)
+        # Forking from a loaded model is safe on the CPU; GPU contexts do not survive a fork.
+        use_zygote = settings.device == "cpu" and become_subreaper()
+        self.zygote = Zygote(settings, listener, self.selector) if use_zygote else None
+
+    def spawn_worker(self, sentinel: Path) -> WorkerProcess:
+        """Fork the worker from the zygote when it is ready; start it the ordinary way otherwise."""
+        forked = self.zygote.spawn(sentinel) if self.zygote else None
+        return forked or WorkerProcess.spawn(worker_command(self.supervisor.settings), self.listener.fileno(),
+                                             sentinel, self.selector)
 
     def queue_signal(self, signum: int, frame: object) -> None:
         self.received_signals.append(signum)  # nothing else here: the main loop logs and acts
@@ -476,7 +603,11 @@ class Watchdog:
                 key.data.read_output()
             while self.received_signals:
                 self.handle_signal(self.received_signals.pop(0), time.monotonic())
+            if self.zygote and not self.supervisor.stopping:
+                self.zygote.check(time.monotonic())
             self.supervisor.tick(time.monotonic())
+        if self.zygote:
+            self.zygote.stop()
         self.selector.close()
 
     def handle_signal(self, signum: int, now: float) -> None:
@@ -486,6 +617,8 @@ class Watchdog:
         elif not self.supervisor.stopping:
             log.info("%s: stopping %d worker(s), each within %g s", name, len(self.supervisor.workers),
                      self.supervisor.settings.stop_timeout)
+            if self.zygote:
+                self.zygote.stop()
             self.supervisor.stop(now)
 
     def reload(self, now: float) -> None:
@@ -506,6 +639,9 @@ class Watchdog:
         configure_logging(new, "watchdog.log")
         configure_server_log(new)
         log.info("SIGHUP: %s reloaded, rolling the workers", new.config_file)
+        if self.zygote:  # it holds the old model: a new one loads in the background
+            self.zygote.stop()
+            self.zygote.settings, self.zygote.next_start = new, now
         self.supervisor.reload(new, now)
 
 

@@ -105,13 +105,20 @@ def test_stop_and_max_tokens_are_honoured(client):
     assert limited.choices[0].finish_reason == "length" and limited.usage.completion_tokens == 4
 
 
-def test_an_abandoned_stream_frees_the_model(client):
+def test_an_abandoned_stream_frees_the_model(client, watchdog):
     model = model_id(client)
     stream = client.chat.completions.create(model=model, stream=True, temperature=0, max_tokens=1000,
                                             messages=[{"role": "user", "content": "Count from 1 to 1000."}])
     for index, _ in enumerate(stream):
         if index == 2:
             break
+    # The watchdog's spare must have loaded, or the next request would wait for a model load, not
+    # for the abandoned generation: both workers' sentinels exist once it has.
+    sentinels = watchdog.config.parent / "run"
+    deadline = time.monotonic() + 60
+    while len(list(sentinels.glob("*.sentinel"))) < 2:
+        assert time.monotonic() < deadline, "the warm spare never became ready"
+        time.sleep(0.05)
     stream.close()
     abandoned = time.monotonic()
     answer = client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=1, stream=True)
@@ -119,4 +126,5 @@ def test_an_abandoned_stream_frees_the_model(client):
     started = time.monotonic() - abandoned
     answer.close()
     assert first.choices[0].delta.role == "assistant"
-    assert started < 1.0 + 1.0, f"the next request started {started:.2f} s after the abandoned stream"
+    print(f"first token after {started:.3f} s")
+    assert started < 1.0, f"the next request answered its first token {started:.2f} s after the abandoned stream"

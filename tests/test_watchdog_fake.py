@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -61,15 +62,19 @@ def attempt(function: Callable[..., Any], *args: Any) -> Any:
         return error
 
 
-def worker_pids(process: Process) -> List[int]:
-    """Live fake workers started for this config (their command line names it), orphans included."""
+def worker_pids(process: Process, zygote_too: bool = False) -> List[int]:
+    """Live fake workers started for this config (their command line names it), orphans included;
+    the zygote (which forks workers, and whose command line they share) only when asked."""
+    log_file = process.config.parent / "logs" / "watchdog.log"
+    zygotes = set(re.findall(r"zygote \(pid (\d+)\)", log_file.read_text())) if log_file.exists() else set()
     pids = []
     for entry in Path("/proc").iterdir():
         try:
             arguments = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if str(FAKE_WORKER).encode() in arguments and str(process.config).encode() in arguments:
+        if str(FAKE_WORKER).encode() in arguments and str(process.config).encode() in arguments and (
+                zygote_too or entry.name not in zygotes):
             pids.append(int(entry.name))
     return pids
 
@@ -103,6 +108,8 @@ def test_each_request_gets_a_fresh_worker(start: Callable[..., Process]) -> None
 def test_without_warm_spare_each_request_gets_a_fresh_worker_too(start: Callable[..., Process]) -> None:
     watchdog = start_watchdog(start, restart_after_requests=1, warm_spare="false")
     assert len({get(watchdog)["pid"] for _ in range(3)}) == 3
+    wait_until(lambda: len(worker_pids(watchdog)) == 1, 5, watchdog, "exactly one worker, no spare")
+    time.sleep(0.5)  # and no spare appears later
     assert len(worker_pids(watchdog)) == 1
 
 
@@ -221,7 +228,7 @@ def test_a_killed_watchdog_leaves_no_worker_and_frees_the_port(start: Callable[.
     watchdog.popen.kill()
     watchdog.popen.wait()
     killed_at = time.monotonic()
-    wait_until(lambda: not worker_pids(watchdog), 2, watchdog, "the orphaned workers to exit")
+    wait_until(lambda: not worker_pids(watchdog, zygote_too=True), 2, watchdog, "the orphaned workers to exit")
     wait_until(lambda: port_can_be_bound(watchdog.port), 2 - (time.monotonic() - killed_at), watchdog, "the port")
 
 
