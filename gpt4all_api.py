@@ -30,7 +30,6 @@ import json
 import logging
 import logging.handlers
 import os
-import re
 import select
 import signal
 import socket
@@ -112,6 +111,7 @@ class Settings:
     # [watchdog]
     restart_after_requests: int = 1
     warm_spare: bool = True
+    zygote: bool = True
     poll_interval: float = 0.05
     heartbeat_timeout: float = 60.0
     stop_timeout: float = 30.0
@@ -205,6 +205,7 @@ CONFIG_KEYS = [
     ("logging", "log_backup_count", "log_backup_count", _positive(int)),
     ("watchdog", "restart_after_requests", "restart_after_requests", _positive(int)),
     ("watchdog", "warm_spare", "warm_spare", _boolean),
+    ("watchdog", "zygote", "zygote", _boolean),
     ("watchdog", "poll_interval", "poll_interval", _positive(float, strict=True)),
     ("watchdog", "heartbeat_timeout", "heartbeat_timeout", _positive(float, 1)),
     ("watchdog", "stop_timeout", "stop_timeout", _positive(float, strict=True)),

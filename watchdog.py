@@ -583,7 +583,7 @@ class Watchdog:
         self.received_signals: List[int] = []
         self.supervisor = Supervisor(settings, self.spawn_worker)
         # Forking from a loaded model is safe on the CPU; GPU contexts do not survive a fork.
-        use_zygote = settings.device == "cpu" and become_subreaper()
+        use_zygote = settings.zygote and settings.device == "cpu" and become_subreaper()
         self.zygote = Zygote(settings, listener, self.selector) if use_zygote else None
 
     def spawn_worker(self, sentinel: Path) -> WorkerProcess:

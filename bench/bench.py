@@ -6,8 +6,9 @@ server    raw in-process generate() vs POST /gpt4all_api on the same prompts (te
           token counts): median latency ratio; /health p99 during a generation; start-to-ready vs
           raw model load.
 watchdog  back-to-back requests through watchdog.py: restart after every request with the warm
-          spare, without it (the original project's behaviour: the model load is paid by the next
-          request), and restart_after_requests = 0; connection errors; the watchdog's idle CPU.
+          spare, without it, each with and without the zygote (without both: the original project's
+          behaviour, the model load paid by the next request), and restart_after_requests = 0;
+          connection errors; the watchdog's idle CPU.
 stream    time to first token and tokens/s of a streamed /v1/chat/completions vs raw generate()
           with a callback.
 
@@ -107,15 +108,16 @@ class RawModel:
 
 
 def post_generate(base_url: str, prompt: str):
+    """(seconds, answer, completion tokens, worker pid) of one request."""
     started = time.monotonic()
-    status, _, body = request(base_url, "POST", "/gpt4all_api", {"prompt": prompt, "persona": PERSONA,
+    status, headers, body = request(base_url, "POST", "/gpt4all_api", {"prompt": prompt, "persona": PERSONA,
                                                                   "temperature": 0, "max_tokens": MAX_TOKENS},
                               headers={"Accept": "application/json"})
     elapsed = time.monotonic() - started
     if status != 200:
         raise RuntimeError(f"status {status}: {body[:200]!r}")
     document = json.loads(body)
-    return elapsed, document["response"], document["usage"]["completion_tokens"]
+    return elapsed, document["response"], document["usage"]["completion_tokens"], int(headers["x-worker-pid"])
 
 
 def bench_server(workdir: Path, rounds: int) -> dict:
@@ -136,7 +138,7 @@ def bench_server(workdir: Path, rounds: int) -> dict:
         for _ in range(rounds):
             for prompt in PROMPTS:
                 raw_seconds, raw_text, raw_tokens, _ = raw.generate(prompt)
-                server_seconds, server_text, server_tokens = post_generate(server.base_url, prompt)
+                server_seconds, server_text, server_tokens, _ = post_generate(server.base_url, prompt)
                 raw_times.append(raw_seconds)
                 server_times.append(server_seconds)
                 mismatches += raw_tokens != server_tokens or raw_text.strip() != server_text.strip()
@@ -167,16 +169,14 @@ def run_watchdog_mode(workdir: Path, name: str, overrides: dict, requests: int) 
     times, errors, pids = [], 0, set()
     try:
         watchdog.wait_ready()
-        time.sleep(3)  # let the warm spare load, as it would between requests in real use
+        time.sleep(3)  # let the zygote and the warm spare load: they are there before the first request
         for index in range(requests):
             started = time.monotonic()
             try:
-                post_generate(watchdog.base_url, PROMPTS[index % len(PROMPTS)])
+                pids.add(post_generate(watchdog.base_url, PROMPTS[index % len(PROMPTS)])[3])
                 times.append(time.monotonic() - started)
             except (OSError, http.client.HTTPException, RuntimeError):
                 errors += 1
-            status, _, body = request(watchdog.base_url, "GET", "/health")
-            pids.add(json.loads(body)["pid"])
         cpu = idle_cpu_fraction(watchdog.popen.pid, 10.0)
     finally:
         watchdog.stop()
@@ -195,12 +195,18 @@ def idle_cpu_fraction(pid: int, seconds: float) -> float:
 
 def bench_watchdog(workdir: Path, rounds: int) -> dict:
     requests = rounds * len(PROMPTS)
-    keep = run_watchdog_mode(workdir, "keep-loaded", {"restart_after_requests": 0}, requests)
-    spare = run_watchdog_mode(workdir, "spare", {"restart_after_requests": 1, "warm_spare": "true"}, requests)
-    cold = run_watchdog_mode(workdir, "no-spare", {"restart_after_requests": 1, "warm_spare": "false"}, requests)
-    return {"keep_loaded": keep, "restart_with_spare": spare, "restart_without_spare": cold,
-            "spare_minus_keep_ms": (spare["median_s"] - keep["median_s"]) * 1000,
-            "no_spare_minus_keep_ms": (cold["median_s"] - keep["median_s"]) * 1000}
+    modes = {  # name: [watchdog] settings
+        "keep_loaded": {"restart_after_requests": 0},
+        "restart_with_spare": {"restart_after_requests": 1},
+        "restart_with_spare_no_zygote": {"restart_after_requests": 1, "zygote": "false"},
+        "restart_without_spare": {"restart_after_requests": 1, "warm_spare": "false"},
+        "seed_style_no_spare_no_zygote": {"restart_after_requests": 1, "warm_spare": "false", "zygote": "false"},
+    }
+    results = {name: run_watchdog_mode(workdir, name, overrides, requests) for name, overrides in modes.items()}
+    keep = results["keep_loaded"]["median_s"]
+    for name in modes:
+        results[name]["minus_keep_loaded_ms"] = (results[name]["median_s"] - keep) * 1000
+    return results
 
 
 def stream_chat(base_url: str, prompt: str):

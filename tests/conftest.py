@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import pytest
 
@@ -109,6 +109,17 @@ class Process:
         self.popen.wait()
         self.output.close()
         return self.popen.returncode
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, process: Process, what: str) -> Any:
+    """Poll predicate until it returns something true, or fail with the process's output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    process.fail(f"timed out after {timeout:.1f} s waiting for {what}")
 
 
 def request(base_url: str, method: str, path: str, body: Any = None, headers: Optional[Dict[str, str]] = None,

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 import openai
 import pytest
 
-from conftest import Process, request, write_config
+from conftest import Process, request, wait_until, write_config
 
 ROUTE = "/gpt4all_api"
 JSON_ACCEPT = {"Accept": "application/json"}
@@ -53,15 +53,6 @@ def long_generation(max_tokens: int) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, process: Process, what: str) -> Any:
-    """Poll predicate until it returns something true, or fail with the server's output."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    process.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def health(process: Process, timeout: float = 5) -> Dict[str, Any]:

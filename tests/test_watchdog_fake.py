@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from conftest import REPO, Process, free_port, request, write_config
+from conftest import REPO, Process, free_port, request, wait_until, write_config
 
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
 CRON_ENV = {"PATH": "/usr/bin:/bin", "GPT4ALL_API_WORKER_SCRIPT": str(FAKE_WORKER)}
@@ -32,14 +32,6 @@ def start_watchdog(start: Callable[..., Process], env: Optional[Dict[str, str]] 
     process = start("watchdog.py", {"watchdog": settings}, env={**CRON_ENV, **(env or {})}, cwd="/")
     wait_until(lambda: "watchdog started" in read_log(process, "watchdog.log"), 10, process, "the watchdog to start")
     return process
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, process: Process, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            process.fail(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def read_log(process: Process, name: str) -> str:
@@ -103,6 +95,15 @@ def test_each_request_gets_a_fresh_worker(start: Callable[..., Process]) -> None
     assert len({answer["pid"] for answer in answers}) == 4
     assert all(answer["requests_served"] == 1 for answer in answers)
     assert "crashed" not in read_log(watchdog, "watchdog.log")
+
+
+def test_workers_forked_by_the_zygote_or_started_without_it(start: Callable[..., Process]) -> None:
+    forked = start_watchdog(start, restart_after_requests=1)
+    wait_until(lambda: "workers are forked from it" in read_log(forked, "watchdog.log"), 10, forked, "the zygote")
+    assert len({get(forked)["pid"] for _ in range(3)}) == 3
+    plain = start_watchdog(start, restart_after_requests=1, zygote="false")
+    assert len({get(plain)["pid"] for _ in range(3)}) == 3
+    assert "zygote" not in read_log(plain, "watchdog.log")
 
 
 def test_without_warm_spare_each_request_gets_a_fresh_worker_too(start: Callable[..., Process]) -> None:

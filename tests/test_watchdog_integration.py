@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Process, request, write_config
+from conftest import REPO, Process, request, wait_until, write_config
 
 QUESTION = {"prompt": "What is the capital of France?", "persona": "You are a geography teacher.",
             "temperature": 0, "max_tokens": 12}
@@ -31,14 +31,6 @@ def ask(process: Process, body: dict = QUESTION, timeout: float = 120):
     return status, int(headers.get("x-worker-pid", 0)), answer.decode()
 
 
-def wait_until(predicate, timeout: float, process: Process, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    process.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def worker_pids(watchdog_pid: int) -> set:
