@@ -873,8 +873,9 @@ class App:
         self.started, self.started_wall = time.monotonic(), time.time()
         self.stop_accepting = False  # set by SIGTERM, or when the restart after N requests is due
         self.generations_admitted = 0
-        self.in_flight = 0  # connections accepted and not yet answered (idle keep-alives excluded)
-        self.closed = False  # exiting: an idle keep-alive connection may not start another request
+        self.in_flight = 0  # requests begun (request line read) and not yet answered
+        self.connections = 0  # accepted connections still open, silent and kept-alive ones included
+        self.closed = False  # exiting: no request may begin any more
         self.lock = threading.Lock()
 
     def admit_generation(self, request: Request) -> None:
@@ -897,10 +898,15 @@ class App:
         with self.lock:
             self.in_flight -= 1
 
-    def close_when_idle(self) -> bool:
-        """True (and no request may start any more) once nothing is in flight."""
+    def count_connection(self, change: int) -> None:
         with self.lock:
-            self.closed = self.in_flight == 0
+            self.connections += change
+
+    def close_when_idle(self, ignore_silent_connections: bool) -> bool:
+        """True (and no request may begin any more) once no request is in flight and no connection
+        is open, or, with ignore_silent_connections, none that has begun a request."""
+        with self.lock:
+            self.closed = self.in_flight == 0 and (self.connections == 0 or ignore_silent_connections)
             return self.closed
 
     def require_runner(self) -> ModelRunner:
@@ -1194,7 +1200,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.timeout = self.server.app.settings.socket_timeout
-        self.counted = True  # in app.in_flight since the accept
+        self.counted = False  # in app.in_flight: from its request line to its reply
         self.settled = self.server.settle_events.pop(self.request, threading.Event())
         super().setup()
 
@@ -1205,10 +1211,11 @@ class Handler(BaseHTTPRequestHandler):
             self.settled.set()
             if self.counted:
                 self.server.app.end_request()
+            self.server.app.count_connection(-1)
 
     def parse_request(self) -> bool:
-        if not self.counted:  # a new request on a kept-alive connection
-            if not self.server.app.begin_request():
+        if not self.counted:
+            if not self.server.app.begin_request():  # the worker is exiting
                 self.close_connection = True
                 return False
             self.counted = True
@@ -1258,7 +1265,7 @@ class Handler(BaseHTTPRequestHandler):
             if self.command in ("POST", "PUT", "PATCH") and not has_query:
                 raise ApiError(411, "a Content-Length header (or a chunked body) is required", "length_required")
             return b""
-        if not length_text.strip().isdigit():
+        if not (length_text.strip().isascii() and length_text.strip().isdigit()):
             self.close_connection = True
             raise ApiError(400, f"invalid Content-Length {length_text!r}", "invalid_content_length")
         length = int(length_text)
@@ -1281,8 +1288,10 @@ class Handler(BaseHTTPRequestHandler):
         body = bytearray()
         while True:
             try:
-                size_line = self.rfile.readline(1024)
-                size = int(size_line.split(b";")[0].strip(), 16)
+                size_text = self.rfile.readline(1024).split(b";")[0].strip()
+                if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
+                    raise ValueError(size_text)
+                size = int(size_text, 16)
             except socket.timeout:
                 self.close_connection = True
                 raise ApiError(408, "the client was too slow sending the body", "request_timeout") from None
@@ -1435,12 +1444,13 @@ def serve_until_stopped(server: Server, app: App, idle_tick: Callable[[], None])
             except OSError:  # BlockingIOError when another worker took it first
                 continue
             settled = server.settle_events[connection] = threading.Event()
-            app.begin_request()
+            app.count_connection(+1)
             server.process_request(connection, address)
             if one_request_at_a_time:
                 # Know what this request is before taking the next one: a worker whose restart it
-                # makes due must leave the next request in the backlog, for its successor.
-                settled.wait(2.0)
+                # makes due must leave the next request in the backlog, for its successor. A client
+                # that stays silent gets half a second.
+                settled.wait(0.5)
         idle_tick()
 
 
@@ -1588,7 +1598,10 @@ def run_server(settings: Settings, preloaded: Optional[Tuple[Any, ChatTemplate]]
     if "error" in loaded:
         log.critical("%s", loaded["error"])
         return EXIT_CANNOT_LOAD
-    while not app.close_when_idle():  # let the requests already accepted finish and reach their clients
+    # Let the requests already begun finish and reach their clients; connections accepted but
+    # still silent get one more second to send theirs.
+    silent_until = time.monotonic() + 1.0
+    while not app.close_when_idle(ignore_silent_connections=time.monotonic() > silent_until):
         idle_tick()
         time.sleep(0.01)
     sentinel.remove()

@@ -582,9 +582,34 @@ class Watchdog:
         self.selector = selectors.DefaultSelector()
         self.received_signals: List[int] = []
         self.supervisor = Supervisor(settings, self.spawn_worker)
+        self.zygote = self.make_zygote(settings)
+        self.next_stray_check = 0.0
+
+    def make_zygote(self, settings: Settings) -> Optional[Zygote]:
         # Forking from a loaded model is safe on the CPU; GPU contexts do not survive a fork.
         use_zygote = settings.zygote and settings.device == "cpu" and become_subreaper()
-        self.zygote = Zygote(settings, listener, self.selector) if use_zygote else None
+        return Zygote(settings, self.listener, self.selector) if use_zygote else None
+
+    def reap_strays(self, now: float) -> None:
+        """Wait for children we never knew: a worker the zygote forked just before it was killed
+        (a subreaper inherits it) would otherwise stay a zombie."""
+        if now < self.next_stray_check:
+            return
+        self.next_stray_check = now + 1.0
+        known = {worker.process.pid for worker in self.supervisor.workers}
+        if self.zygote and self.zygote.process:
+            known.add(self.zygote.process.pid)
+        try:
+            with open(f"/proc/self/task/{os.getpid()}/children", encoding="ascii") as children:
+                strays = [int(pid) for pid in children.read().split() if int(pid) not in known]
+        except OSError:
+            return
+        for pid in strays:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    log.info("reaped pid %d, a worker forked for nobody", pid)
+            except ChildProcessError:
+                pass
 
     def spawn_worker(self, sentinel: Path) -> WorkerProcess:
         """Fork the worker from the zygote when it is ready; start it the ordinary way otherwise."""
@@ -606,6 +631,7 @@ class Watchdog:
             if self.zygote and not self.supervisor.stopping:
                 self.zygote.check(time.monotonic())
             self.supervisor.tick(time.monotonic())
+            self.reap_strays(time.monotonic())
         if self.zygote:
             self.zygote.stop()
         self.selector.close()
@@ -639,9 +665,9 @@ class Watchdog:
         configure_logging(new, "watchdog.log")
         configure_server_log(new)
         log.info("SIGHUP: %s reloaded, rolling the workers", new.config_file)
-        if self.zygote:  # it holds the old model: a new one loads in the background
+        if self.zygote:  # it holds the old model: a new one (if wanted) loads in the background
             self.zygote.stop()
-            self.zygote.settings, self.zygote.next_start = new, now
+        self.zygote = self.make_zygote(new)
         self.supervisor.reload(new, now)
 
 

@@ -377,6 +377,11 @@ BAD_INPUTS = {
                                         400, "missing_field"),
     "invalid_content_length": BadInput("server", http_bytes("POST", ROUTE, None, {"Content-Length": "abc"}),
                                        400, "invalid_content_length"),
+    "content_length_of_unicode_digits": BadInput("server", http_bytes("POST", ROUTE, None, {"Content-Length": "²"}),
+                                                 400, "invalid_content_length"),
+    "negative_chunk_size": BadInput(
+        "server", http_bytes("POST", ROUTE, None, {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        + b'-1\r\n{"prompt": "What is the capital of France?"}', 400, "invalid_chunked_body"),
     "body_over_max_body_bytes": BadInput("guarded_server", json_post({"prompt": "x" * 4096}, headers=BEARER),
                                          413, "body_too_large"),
     "chunked_body_over_max_body_bytes": BadInput(

@@ -69,6 +69,18 @@ def test_each_request_gets_a_fresh_worker(start):
     assert health["pid"] not in pids and health["requests_served"] == 0
 
 
+def test_a_silent_connection_does_not_hold_up_the_restart(start):
+    watchdog = start("watchdog.py")
+    watchdog.wait_ready()
+    with socket.create_connection(("127.0.0.1", watchdog.port)):  # connects, never sends a request
+        started = time.monotonic()
+        for _ in range(2):
+            status, _, text = ask(watchdog)
+            assert status == 200 and "Paris" in text
+        elapsed = time.monotonic() - started
+    assert elapsed < 10, f"two requests took {elapsed:.1f} s behind a silent connection (socket_timeout is 30 s)"
+
+
 def test_no_client_is_refused_during_continuous_restarts(start):
     watchdog = start("watchdog.py")
     watchdog.wait_ready()
