@@ -942,3 +942,53 @@ def test_installed_package_without_its_part_file_asks_for_a_reinstall(monkeypatc
     monkeypatch.setattr(gpt4all_api, "DEFAULT_MODEL_PARTS", [("pytest", "pytest_no_such_dir/part01.bin")])
     with pytest.raises(CannotLoad, match="--force-reinstall"):
         gpt4all_api.default_model_parts()
+
+
+# --------------------------------------------------------------------------------------------
+# CORS: off by default; allowed origins get the headers, preflight needs no API key.
+# --------------------------------------------------------------------------------------------
+
+PREFLIGHT = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type"}
+
+
+def test_cors_is_off_by_default(settings):
+    app = make_app(settings, FakeModel())
+    preflight = dispatch(app, make_request("OPTIONS", "/v1/chat/completions", headers=PREFLIGHT))
+    assert preflight.status == 204 and preflight.headers["Allow"] == "POST, OPTIONS"
+    assert "Access-Control-Allow-Origin" not in preflight.headers
+    reply = dispatch(app, make_request(body={"prompt": "hi"}, headers={"Origin": "https://app.example"}))
+    assert reply.status == 200 and "Access-Control-Allow-Origin" not in reply.headers
+
+
+def test_cors_preflight_and_reply_for_an_allowed_origin(settings):
+    app = make_app(settings, FakeModel(), cors_origins=("https://app.example",), api_key="s3cret")
+    preflight = dispatch(app, make_request("OPTIONS", "/v1/chat/completions", headers=PREFLIGHT))
+    assert preflight.status == 204, "a preflight carries no credentials: it needs no key"
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert preflight.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    reply = dispatch(app, make_request(body={"prompt": "hi"}, headers={
+        "Origin": "https://app.example", "Authorization": "Bearer s3cret"}))
+    assert reply.status == 200 and reply.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    refused = dispatch(app, make_request(body={"prompt": "hi"}, headers={"Origin": "https://app.example"}))
+    assert refused.status == 401 and refused.headers["Access-Control-Allow-Origin"] == "https://app.example", \
+        "a browser must be able to read the error"
+
+
+def test_cors_ignores_other_origins_and_allows_any_with_a_star(settings):
+    app = make_app(settings, FakeModel(), cors_origins=("https://app.example",))
+    other = dispatch(app, make_request("OPTIONS", ROUTE, headers={**PREFLIGHT, "Origin": "https://evil.example"}))
+    assert "Access-Control-Allow-Origin" not in other.headers
+    star = make_app(settings, FakeModel(), cors_origins=("*",))
+    reply = dispatch(star, make_request("OPTIONS", ROUTE, headers={**PREFLIGHT, "Origin": "https://evil.example"}))
+    assert reply.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_model_retrieve_by_id_and_unknown_id(settings):
+    app = make_app(settings, FakeModel())
+    model_id = settings.model_id
+    found = dispatch(app, make_request("GET", f"/v1/models/{model_id}"))
+    assert found.status == 200 and json_body(found)["id"] == model_id
+    missing = dispatch(app, make_request("GET", "/v1/models/gpt-4o"))
+    assert missing.status == 404 and json_body(missing)["error"]["code"] == "model_not_found"
