@@ -518,6 +518,10 @@ def json_reply(status: int, document: Any, headers: Optional[Dict[str, str]] = N
     return Reply(status, {"Content-Type": "application/json", **(headers or {})}, body)
 
 
+def internal_error() -> ApiError:
+    return ApiError(500, "internal server error; the details are in the server log", "internal_error")
+
+
 def error_reply(error: ApiError) -> Reply:
     error_type = ERROR_TYPES.get(error.status, "invalid_request_error")
     document = {"error": {"message": error.message, "type": error_type, "param": error.param, "code": error.code}}
@@ -915,9 +919,12 @@ class App:
                            headers={"Retry-After": "1"})
         return self.runner
 
-    def model_names(self) -> set:
+    def check_model_name(self, name: Any) -> None:
+        """A request naming another model gets a 404, never a silent fallback."""
         model_id = self.settings.model_id
-        return {model_id, Path(model_id).stem, self.settings.model}
+        if name not in {model_id, Path(model_id).stem, self.settings.model}:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_id!r}",
+                           "model_not_found", "model")
 
 
 def handle_health(app: App, request: Request) -> Reply:
@@ -966,9 +973,7 @@ def handle_models(app: App, request: Request) -> Reply:
 
 
 def handle_model(app: App, request: Request) -> Reply:
-    name = request.path[len("/v1/models/"):]
-    if name not in app.model_names():
-        raise ApiError(404, f"the model {name!r} does not exist", "model_not_found", "model")
+    app.check_model_name(request.path[len("/v1/models/"):])
     return json_reply(200, model_object(app))
 
 
@@ -1005,10 +1010,8 @@ def parse_messages(fields: Dict[str, Any]) -> List[Dict[str, str]]:
 def parse_openai_fields(app: App, request: Request) -> Tuple[Dict[str, Any], GenerationParams, bool, bool]:
     """The fields both OpenAI routes share: (fields, params, stream, include_usage)."""
     fields = parse_body_fields(request)
-    name = fields.get("model")
-    if name is not None and name not in app.model_names():
-        raise ApiError(404, f"the model {name!r} does not exist; this server serves {app.settings.model_id!r}",
-                       "model_not_found", "model")
+    if fields.get("model") is not None:
+        app.check_model_name(fields["model"])
     if read_number(fields, "n", int, 1, 1, 128) != 1:
         raise ApiError(400, "only n = 1 is supported", "unsupported_value", "n")
     read_number(fields, "seed", int, 0, -(1 << 63), 1 << 64)  # accepted; temperature 0 gives reproducibility
@@ -1168,8 +1171,7 @@ def dispatch(app: App, request: Request) -> Reply:
         raise
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
-        reply = error_reply(ApiError(500, "internal server error; the details are in the server log",
-                                     "internal_error"))
+        reply = error_reply(internal_error())
     reply.headers.update(cors_headers(app.settings, request))
     return reply
 
@@ -1230,8 +1232,8 @@ class Handler(BaseHTTPRequestHandler):
         app = self.server.app
         started = time.monotonic()
         reply: Optional[Reply] = None
+        url = urlsplit(self.path)
         try:
-            url = urlsplit(self.path)
             path = url.path.rstrip("/") or "/"
             request = Request(self.command, path, dict(parse_qsl(url.query, keep_blank_values=True)),
                               {name.lower(): value for name, value in self.headers.items()},
@@ -1252,8 +1254,12 @@ class Handler(BaseHTTPRequestHandler):
                 app.end_request()
             status = reply.status if reply else 499  # 499: the client left first (nginx's code)
             tokens = reply.usage.get("completion_tokens", "-") if reply else "-"
-            access_log.info("%s %s %s %d %.3fs tokens=%s pid=%d", self.client_address[0], self.command,
-                            urlsplit(self.path).path, status, time.monotonic() - started, tokens, os.getpid())
+            self.log_access(url.path, status, f"{time.monotonic() - started:.3f}s", tokens)
+
+    def log_access(self, path: str, status: int, latency: str, tokens: Any) -> None:
+        """One line per request; the path without its query, which may hold a prompt."""
+        access_log.info("%s %s %s %d %s tokens=%s pid=%d", self.client_address[0], self.command or "-", path,
+                        status, latency, tokens, os.getpid())
 
     def read_body(self, has_query: bool) -> bytes:
         """The body, within max_body_bytes; errors wait in Request.body_error for the route."""
@@ -1345,24 +1351,19 @@ class Handler(BaseHTTPRequestHandler):
 
         try:
             reply.stream(emit)
-        except ApiError as error:
-            if not opened:
-                failed = error_reply(error)
-                reply.status, reply.usage = failed.status, failed.usage
-                self.send_head(failed, len(failed.body))
-                self.write(failed.body)
-                return
-            self.write(b"data: " + error_reply(error).body + b"\n\n")
         except ClientGone:
             raise
-        except Exception:
-            log.exception("unexpected error while streaming %s", self.path)
-            if not opened:
-                failed = error_reply(ApiError(500, "internal server error; the details are in the server log",
-                                              "internal_error"))
-                reply.status = 500
-                self.send_head(failed, len(failed.body))
-                self.write(failed.body)
+        except Exception as error:
+            if not isinstance(error, ApiError):
+                log.exception("unexpected error while streaming %s", self.path)
+                error = internal_error()
+            failed = error_reply(error)
+            if opened:  # the status line has left: the error becomes the stream's last event
+                self.write(b"data: " + failed.body + b"\n\n")
+                return
+            reply.status, reply.usage = failed.status, failed.usage
+            self.send_head(failed, len(failed.body))
+            self.write(failed.body)
 
     def write(self, data: bytes) -> None:
         try:
@@ -1400,8 +1401,7 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
         path = getattr(self, "path", None) or "-"  # unset when the request line did not parse
-        access_log.info("%s %s %s %d tokens=- pid=%d", self.client_address[0], self.command or "-",
-                        path.split("?")[0], code, os.getpid())
+        self.log_access(path.split("?")[0], code, "-", "-")
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.client_address[0], *args)
@@ -1627,13 +1627,17 @@ def run_zygote(settings: Settings) -> int:
     template = choose_template(settings, settings.model_file)
     warm_up(model, settings)
     log.info("zygote: model %s loaded, pid %d", settings.model_id, os.getpid())
+    return serve_fork_requests(channel, lambda: run_server(settings, preloaded=(model, template)))
+
+
+def serve_fork_requests(channel: socket.socket, run: Callable[[], int]) -> int:
+    """Say ready, then fork a worker running run() for each request, until the watchdog hangs up."""
     channel.sendall(b"ready")
     while True:
         message, fds, _, _ = socket.recv_fds(channel, 4096, 3)
         if not message or len(fds) != 3:
             return EXIT_OK  # the watchdog is gone
-        pid = fork_worker(channel, Path(message.decode()), fds,
-                          lambda: run_server(settings, preloaded=(model, template)))
+        pid = fork_worker(channel, Path(message.decode()), fds, run)
         for fd in fds:
             os.close(fd)
         channel.sendall(str(pid).encode())

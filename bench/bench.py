@@ -48,10 +48,6 @@ def chatml(prompt: str) -> str:
                                                    {"role": "user", "content": prompt}])
 
 
-def settings_for(config: Path) -> gpt4all_api.Settings:
-    return gpt4all_api.load_settings(config)
-
-
 def median(values):
     return statistics.median(values) if values else float("nan")
 
@@ -122,7 +118,7 @@ def post_generate(base_url: str, prompt: str):
 
 def bench_server(workdir: Path, rounds: int) -> dict:
     config = write_config(workdir / "server")
-    settings = settings_for(config)
+    settings = gpt4all_api.load_settings(config)
     gpt4all_api.ensure_model_file(settings)
     load = raw_load_seconds(settings)
     started = time.monotonic()
@@ -237,7 +233,7 @@ def stream_chat(base_url: str, prompt: str):
 
 def bench_stream(workdir: Path, rounds: int) -> dict:
     config = write_config(workdir / "stream")
-    settings = settings_for(config)
+    settings = gpt4all_api.load_settings(config)
     server = Process("gpt4all_api.py", config)
     try:
         server.wait_ready()

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpt4all_api import (ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD, EXIT_ORPHANED,  # noqa: E402
-                         LOG_FORMAT, fork_worker)
+                         LOG_FORMAT, serve_fork_requests)
 
 log = logging.getLogger("fake_worker")
 HEARTBEAT_EVERY = 0.2
@@ -117,21 +117,14 @@ def serve(listener: socket.socket, worker: FakeWorker) -> None:
 
 
 def run_zygote() -> int:
-    """--zygote: the watchdog's zygote protocol, through gpt4all_api.fork_worker (nothing to share)."""
+    """--zygote: the watchdog's zygote protocol, through gpt4all_api's own loop (nothing to share)."""
     channel = socket.socket(fileno=int(os.environ.pop(ENV_ZYGOTE_FD)))
     time.sleep(float(os.environ.get("FAKE_WORKER_LOAD_SECONDS", "0.2")))
     exit_code = os.environ.get("FAKE_WORKER_EXIT_AT_START")
     if exit_code:
         log.error("zygote: cannot load the model: FAKE_WORKER_EXIT_AT_START=%s", exit_code)
         return int(exit_code)
-    channel.sendall(b"ready")
-    while True:
-        message, fds, _, _ = socket.recv_fds(channel, 4096, 3)
-        if not message:
-            return 0
-        channel.sendall(str(fork_worker(channel, Path(message.decode()), fds, run_worker)).encode())
-        for fd in fds:
-            os.close(fd)
+    return serve_fork_requests(channel, run_worker)
 
 
 def main() -> int:
