@@ -628,7 +628,9 @@ class Watchdog:
                 key.data.read_output()
             while self.received_signals:
                 self.handle_signal(self.received_signals.pop(0), time.monotonic())
-            if self.zygote and not self.supervisor.stopping:
+            # The zygote waits for an active worker: at first start that worker assembles the default
+            # model, and two model loads at once would only slow each other down.
+            if self.zygote and not self.supervisor.stopping and self.supervisor.find(State.ACTIVE):
                 self.zygote.check(time.monotonic())
             self.supervisor.tick(time.monotonic())
             self.reap_strays(time.monotonic())
