@@ -59,6 +59,7 @@ ENV_LISTEN_FD = "GPT4ALL_API_LISTEN_FD"  # fd of the inherited listening socket
 ENV_CONTROL_FD = "GPT4ALL_API_CONTROL_FD"  # read end of a pipe: b"A" = activate, EOF = watchdog gone
 ENV_SENTINEL = "GPT4ALL_API_SENTINEL"  # sentinel file: created when ready, touched as heartbeat
 ENV_ZYGOTE_FD = "GPT4ALL_API_ZYGOTE_FD"  # a unix socket: this process is the watchdog's zygote
+ENV_BACKGROUND = "GPT4ALL_API_BACKGROUND"  # "1": another worker is serving, load at idle priority
 
 HEARTBEAT_EVERY = 0.5  # seconds between two touches of the sentinel
 
@@ -1507,8 +1508,10 @@ def watch_control_pipe(fd: int, activated: threading.Event) -> None:
 def lower_this_thread_priority() -> None:
     """Load at idle priority: a spare loading its model while the active worker generates would slow
     that generation about 2.5x on 2 cores (measured). Linux scopes this to the calling thread, so the
-    threads that generate later (started by the serving threads) keep the normal priority. Never in
-    a forked worker: pages it shares with the active worker would make this a priority inversion."""
+    threads that generate later (started by the serving threads) keep the normal priority. Only when
+    the watchdog says another worker is serving (an unprivileged thread cannot undo it, and a load
+    nobody is waiting behind should get the whole machine). Never in a forked worker: pages it shares
+    with the active worker would make this a priority inversion."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux
@@ -1554,7 +1557,7 @@ def run_server(settings: Settings, preloaded: Optional[Tuple[Any, ChatTemplate]]
     loaded: Dict[str, Any] = {}
 
     def load() -> None:
-        if worker and not preloaded:
+        if worker and not preloaded and os.environ.get(ENV_BACKGROUND) == "1":
             lower_this_thread_priority()
         try:
             started = time.monotonic()
@@ -1616,16 +1619,30 @@ def run_zygote(settings: Settings) -> int:
     pipe); the zygote forks twice so the worker's parent becomes the watchdog (a child subreaper),
     and answers with the worker's pid. A fork costs milliseconds and shares the model's memory, so
     a fresh worker per request no longer pays, or makes the active worker pay, a model load.
-    The zygote never serves and stays single-threaded, which keeps fork() safe.
+    The zygote never serves and forks from its only thread, which keeps fork() safe. It loads in a
+    second thread at idle priority (the watchdog starts it once a worker is active), gone before the
+    first fork: the main thread, which every worker inherits its priority from, keeps the normal one.
     """
     channel = socket.socket(fileno=int(os.environ.pop(ENV_ZYGOTE_FD)))
-    try:
-        model = load_model(settings)
-    except CannotLoad as error:
-        log.critical("%s", error)
+    loaded: Dict[str, Any] = {}
+
+    def load() -> None:
+        lower_this_thread_priority()
+        try:
+            loaded["model"] = load_model(settings)
+            warm_up(loaded["model"], settings)
+        except CannotLoad as error:
+            loaded["error"] = str(error)
+        except Exception as error:
+            loaded["error"] = f"cannot load the model: {error!r}"
+
+    loader = threading.Thread(target=load, name="model-loader")
+    loader.start()
+    loader.join()
+    if "error" in loaded:
+        log.critical("%s", loaded["error"])
         return EXIT_CANNOT_LOAD
-    template = choose_template(settings, settings.model_file)
-    warm_up(model, settings)
+    model, template = loaded["model"], choose_template(settings, settings.model_file)
     log.info("zygote: model %s loaded, pid %d", settings.model_id, os.getpid())
     return serve_fork_requests(channel, lambda: run_server(settings, preloaded=(model, template)))
 

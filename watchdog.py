@@ -44,8 +44,8 @@ import time
 from pathlib import Path
 from typing import IO, Callable, List, Optional
 
-from gpt4all_api import (ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, HERE,
-                         Settings, configure_logging, load_settings)
+from gpt4all_api import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD,
+                         EXIT_CANNOT_LOAD, HERE, Settings, configure_logging, load_settings)
 
 log = logging.getLogger("watchdog")
 # The workers' output, written as is (the workers format their own lines) to logs/server.log.
@@ -103,12 +103,13 @@ class WorkerProcess:
 
     @classmethod
     def spawn(cls, command: List[str], listen_fd: int, sentinel: Path,
-              selector: selectors.BaseSelector, zygote_fd: Optional[int] = None) -> WorkerProcess:
+              selector: selectors.BaseSelector, zygote_fd: Optional[int] = None,
+              background: bool = False) -> WorkerProcess:
         """Start a worker (or, with zygote_fd, the zygote) in its own process group; only it gets
-        the read end of its control pipe."""
+        the read end of its control pipe. A background worker loads at idle priority."""
         control_read, control_write = os.pipe()  # both non-inheritable: no other child gets them
         env = dict(os.environ, **{ENV_LISTEN_FD: str(listen_fd), ENV_CONTROL_FD: str(control_read),
-                                  ENV_SENTINEL: str(sentinel)})
+                                  ENV_SENTINEL: str(sentinel), ENV_BACKGROUND: "1" if background else "0"})
         passed = (listen_fd, control_read)
         if zygote_fd is not None:
             command, passed = command + ["--zygote"], (control_read, zygote_fd)
@@ -245,8 +246,14 @@ class Zygote:
         self.process: Optional[WorkerProcess] = None
         self.channel: Optional[socket.socket] = None
         self.ready = False
-        self.next_start = 0.0
+        self.starts = 0
+        self.started_at = self.next_start = 0.0
         self.delay = BACKOFF_START
+
+    @property
+    def loading(self) -> bool:
+        """Loading, or about to start for the first time: it will fork the next spare."""
+        return not self.ready and (self.process is not None or self.starts == 0)
 
     def start(self, now: float) -> None:
         self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -260,7 +267,7 @@ class Zygote:
             self.channel = None
         finally:
             theirs.close()
-        self.ready, self.next_start = False, now + self.delay
+        self.ready, self.starts, self.started_at, self.next_start = False, self.starts + 1, now, now + self.delay
         if self.process:
             log.info("zygote (pid %d) loading the model", self.process.pid)
 
@@ -291,6 +298,11 @@ class Zygote:
                 pass
             if self.ready:
                 log.info("zygote (pid %d) ready: workers are forked from it", self.process.pid)
+            elif now - self.started_at > self.settings.start_timeout:
+                log.warning("zygote (pid %d) not ready after %g s: restarting it", self.process.pid,
+                            self.settings.start_timeout)
+                self.delay = min(self.delay * 2, self.settings.backoff_max)
+                self.stop()
 
     def spawn(self, sentinel: Path) -> Optional[WorkerProcess]:
         if not self.ready:
@@ -347,10 +359,11 @@ class Worker:
 class Supervisor:
     """Keeps one ACTIVE worker (and a READY spare) alive; the watchdog calls tick() every poll.
 
-    spawn_process(sentinel) starts a worker process and returns a WorkerProcess (or a fake).
+    spawn_process(sentinel) starts a worker process and returns a WorkerProcess (or a fake), or None
+    for "not now, ask again next tick".
     """
 
-    def __init__(self, settings: Settings, spawn_process: Callable[[Path], WorkerProcess]) -> None:
+    def __init__(self, settings: Settings, spawn_process: Callable[[Path], Optional[WorkerProcess]]) -> None:
         self.settings = settings
         self.spawn_process = spawn_process
         self.workers: List[Worker] = []
@@ -489,13 +502,17 @@ class Supervisor:
         current = [worker for worker in self.workers if worker.state is not State.RETIRING and not worker.outdated]
         if len(current) >= (2 if self.settings.warm_spare else 1):
             return
-        self.serial += 1
+        serial = self.serial + 1
         try:
-            process = self.spawn_process(self.settings.state_dir / f"worker-{self.serial}.sentinel")
+            process = self.spawn_process(self.settings.state_dir / f"worker-{serial}.sentinel")
         except OSError as error:
-            log.error("cannot start worker %d: %s", self.serial, error)
+            log.error("cannot start worker %d: %s", serial, error)
+            self.serial = serial
             self.back_off(now)
             return
+        if process is None:
+            return  # not now: the spawner is about to have a quicker way (the zygote)
+        self.serial = serial
         worker = Worker(self.serial, process, State.STARTING, started_at=now)
         self.workers.append(worker)
         log.info("%s started", worker)
@@ -611,11 +628,20 @@ class Watchdog:
             except ChildProcessError:
                 pass
 
-    def spawn_worker(self, sentinel: Path) -> WorkerProcess:
-        """Fork the worker from the zygote when it is ready; start it the ordinary way otherwise."""
-        forked = self.zygote.spawn(sentinel) if self.zygote else None
-        return forked or WorkerProcess.spawn(worker_command(self.supervisor.settings), self.listener.fileno(),
-                                             sentinel, self.selector)
+    def spawn_worker(self, sentinel: Path) -> Optional[WorkerProcess]:
+        """Fork the worker from the zygote when it is ready; start it the ordinary way otherwise.
+
+        One model load at a time, at idle priority while a worker serves: a spare waits (None) for
+        the loading zygote, and a worker started beside an active one loads in the background.
+        Nobody serving (the first start, a crash without a ready spare): a full-speed load now.
+        """
+        serving = self.supervisor.find(State.ACTIVE) is not None
+        if self.zygote:
+            forked = self.zygote.spawn(sentinel)
+            if forked or (serving and self.zygote.loading):
+                return forked
+        return WorkerProcess.spawn(worker_command(self.supervisor.settings), self.listener.fileno(),
+                                   sentinel, self.selector, background=serving)
 
     def queue_signal(self, signum: int, frame: object) -> None:
         self.received_signals.append(signum)  # nothing else here: the main loop logs and acts

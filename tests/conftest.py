@@ -91,6 +91,11 @@ class Process:
             time.sleep(0.1)
         self.fail(f"not ready within {timeout} s")
 
+    def wait_for_spare(self, timeout: float = 60) -> None:
+        """A watchdog's warm spare has loaded: both workers' sentinels exist (the zygote has none)."""
+        state_dir = self.config.parent / "run"
+        wait_until(lambda: len(list(state_dir.glob("worker-*.sentinel"))) >= 2, timeout, self, "the warm spare")
+
     def stop(self, timeout: float = 30) -> Optional[int]:
         """SIGTERM the process group, then SIGKILL it after the timeout."""
         if self.popen.poll() is None:

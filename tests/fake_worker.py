@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gpt4all_api import (ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD, EXIT_ORPHANED,  # noqa: E402
+from gpt4all_api import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD, EXIT_ORPHANED,  # noqa: E402
                          LOG_FORMAT, serve_fork_requests)
 
 log = logging.getLogger("fake_worker")
@@ -143,7 +143,7 @@ def run_worker() -> int:
     listener.setblocking(False)
     sentinel = Path(os.environ[ENV_SENTINEL])
 
-    log.info("loading")
+    log.info("loading%s", " in the background" if os.environ.get(ENV_BACKGROUND) == "1" else " at full speed")
     time.sleep(float(os.environ.get("FAKE_WORKER_LOAD_SECONDS", "0.2")))
     exit_code = os.environ.get("FAKE_WORKER_EXIT_AT_START")
     if exit_code:

@@ -112,13 +112,8 @@ def test_an_abandoned_stream_frees_the_model(client, watchdog):
     for index, _ in enumerate(stream):
         if index == 2:
             break
-    # The watchdog's spare must have loaded, or the next request would wait for a model load, not
-    # for the abandoned generation: both workers' sentinels exist once it has.
-    sentinels = watchdog.config.parent / "run"
-    deadline = time.monotonic() + 60
-    while len(list(sentinels.glob("*.sentinel"))) < 2:
-        assert time.monotonic() < deadline, "the warm spare never became ready"
-        time.sleep(0.05)
+    # The next request must wait for the abandoned generation, not for a model load.
+    watchdog.wait_for_spare()
     stream.close()
     abandoned = time.monotonic()
     answer = client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=1, stream=True)

@@ -104,6 +104,18 @@ def test_workers_forked_by_the_zygote_or_started_without_it(start: Callable[...,
     plain = start_watchdog(start, restart_after_requests=1, zygote="false")
     assert len({get(plain)["pid"] for _ in range(3)}) == 3
     assert "zygote" not in read_log(plain, "watchdog.log")
+    # The first worker loads with nobody serving; each spare beside an active worker.
+    loads = re.findall(r"loading (at full speed|in the background)", read_log(plain, "server.log"))
+    assert loads[0] == "at full speed" and set(loads[1:]) == {"in the background"}, loads
+
+
+def test_a_spare_waits_for_the_loading_zygote_and_is_forked_from_it(start: Callable[..., Process]) -> None:
+    watchdog = start_watchdog(start, restart_after_requests=0, env={"FAKE_WORKER_LOAD_SECONDS": "1.5"})
+    wait_until(lambda: "workers are forked from it" in read_log(watchdog, "watchdog.log"), 15, watchdog, "the zygote")
+    wait_until(lambda: "worker 2 " in read_log(watchdog, "watchdog.log"), 5, watchdog, "the spare")
+    logs = read_log(watchdog, "watchdog.log")
+    assert logs.index("workers are forked from it") < logs.index("worker 2 "), logs
+    assert "in the background" not in read_log(watchdog, "server.log"), "no spare was started the ordinary way"
 
 
 def test_without_warm_spare_each_request_gets_a_fresh_worker_too(start: Callable[..., Process]) -> None:

@@ -67,9 +67,12 @@ class Harness:
         self.processes: List[FakeProcess] = []
         self.frozen: Optional[FakeProcess] = None  # a process whose heartbeat stopped
         self.now = 1000.0
+        self.not_now = False  # the spawner answers None: "ask again next tick"
         self.supervisor = Supervisor(Settings(config_file=Path("config.ini"), **defaults), self.spawn)
 
-    def spawn(self, sentinel: Path) -> FakeProcess:
+    def spawn(self, sentinel: Path) -> Optional[FakeProcess]:
+        if self.not_now:
+            return None
         assert sentinel.name == f"worker-{len(self.processes) + 1}.sentinel"
         process = FakeProcess(100 + len(self.processes))
         self.processes.append(process)
@@ -113,6 +116,19 @@ def test_first_worker_is_activated_and_the_spare_starts_only_then() -> None:
     assert harness.state_of(spare) is State.READY and not spare.activated
     harness.tick(10)
     assert len(harness.processes) == 2
+
+
+def test_a_spawner_that_says_not_now_is_asked_again_next_tick() -> None:
+    harness = Harness()
+    harness.tick()
+    harness.processes[0].become_ready()
+    harness.not_now = True  # the zygote is loading: the spare is to be forked from it
+    harness.tick()
+    harness.tick()
+    assert len(harness.supervisor.workers) == 1 and harness.supervisor.serial == 1
+    harness.not_now = False
+    harness.tick()
+    assert [worker.serial for worker in harness.supervisor.workers] == [1, 2]  # the spare's sentinel: worker-2
 
 
 def test_without_warm_spare_one_worker_runs() -> None:
