@@ -60,6 +60,7 @@ ENV_CONTROL_FD = "GPT4ALL_API_CONTROL_FD"  # read end of a pipe: b"A" = activate
 ENV_SENTINEL = "GPT4ALL_API_SENTINEL"  # sentinel file: created when ready, touched as heartbeat
 ENV_ZYGOTE_FD = "GPT4ALL_API_ZYGOTE_FD"  # a unix socket: this process is the watchdog's zygote
 ENV_BACKGROUND = "GPT4ALL_API_BACKGROUND"  # "1": another worker is serving, load at idle priority
+ENV_WATCHDOG_PID = "GPT4ALL_API_WATCHDOG_PID"  # whose family's CPU time is not "other programs"
 
 HEARTBEAT_EVERY = 0.5  # seconds between two touches of the sentinel
 
@@ -687,8 +688,7 @@ def load_model(settings: Settings) -> Any:
         from gpt4all import GPT4All
     except ImportError as error:
         raise CannotLoad(f"cannot import gpt4all ({error}); run: {INSTALL_HINT}") from None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n_threads = settings.n_threads or cores or 1
+    n_threads = settings.n_threads or len(usable_cpus())
     try:
         model = GPT4All(path.name, model_path=str(path.parent), allow_download=settings.allow_download,
                         device=settings.device, n_threads=n_threads, n_ctx=settings.n_ctx, verbose=False)
@@ -753,6 +753,91 @@ class StopScanner:
         return new
 
 
+def usable_cpus() -> List[int]:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def read_proc_stat() -> str:
+    with open("/proc/stat", encoding="ascii") as stat:
+        return stat.read()
+
+
+def own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def family_cpu_seconds(root: int, proc: Path = Path("/proc")) -> float:
+    """CPU seconds of process root (a worker's watchdog) and of its children, reaped or not: under
+    the watchdog, the other workers (the one before us still generating, the zygote) are ours too."""
+    def times(pid: int, reaped_children: bool) -> int:
+        fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(value) for value in fields[11:15 if reaped_children else 13])
+
+    ticks = times(root, reaped_children=True)
+    for child in (proc / str(root) / "task" / str(root) / "children").read_text().split():
+        try:
+            ticks += times(int(child), reaped_children=False)
+        except FileNotFoundError:
+            pass  # reaped in between: counted, or lost for one reading
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class CpuShare:
+    """The thread count for n_threads = 0: every usable core, less those other programs keep busy.
+
+    llama.cpp's threads wait for one another many times per token, so a thread that another program
+    preempts stalls them all. Measured on 2 cores with one busy program in another session: 30 tokens
+    took 16 - 35 s on 2 threads against 1.5 s on 1 (0.8 s on 2 with the machine idle). The others'
+    load is the busy time /proc/stat counts on our CPUs less our own (a worker's own: its watchdog's
+    family), over the last half second or more, read between tokens too. Niced programs, our own
+    idle-priority model loads among them, do not count: they give way at once. A program using a
+    quarter of a core or more takes one.
+    """
+
+    WINDOW = 0.5  # seconds between two readings
+
+    def __init__(self, cpus: List[int], read_stat: Callable[[], str] = read_proc_stat,
+                 own_seconds: Callable[[], float] = own_cpu_seconds, clock: Callable[[], float] = time.monotonic):
+        self.cpus, self.read_stat, self.own_seconds, self.clock = set(cpus), read_stat, own_seconds, clock
+        self.ticks_per_second = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.threads = len(self.cpus)
+        self.others = 0.0  # cores busy with other programs in the last window
+        self.previous = self.sample()
+        self.next_reading = self.clock() + self.WINDOW
+
+    def sample(self) -> Optional[Tuple[float, float, float]]:
+        """(time, seconds our CPUs were busy, seconds of our own CPU time); None without /proc/stat."""
+        try:
+            busy_ticks = 0
+            for line in self.read_stat().splitlines():
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cpus:
+                    user, _nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+                    busy_ticks += user + system + irq + softirq + steal
+            own = self.own_seconds()
+        except (OSError, ValueError):
+            return None
+        return self.clock(), busy_ticks / self.ticks_per_second, own
+
+    def update(self) -> int:
+        """Take a reading when the window has passed; return the thread count to use now."""
+        if self.previous is None or self.clock() < self.next_reading:
+            return self.threads
+        current = self.sample()
+        if current is None:
+            return self.threads
+        elapsed = current[0] - self.previous[0]
+        busy, own = current[1] - self.previous[1], current[2] - self.previous[2]
+        self.others = max(0.0, busy - own) / elapsed if elapsed > 0 else 0.0
+        self.previous, self.next_reading = current, current[0] + self.WINDOW
+        self.threads = max(1, len(self.cpus) - int(self.others + 0.75))
+        return self.threads
+
+
 class ModelRunner:
     """Owns the model: one generation at a time, at most queue_size waiting, limits through the callback."""
 
@@ -763,6 +848,32 @@ class ModelRunner:
         self.admitted = 0  # running plus waiting
         self.busy = False
         self.completed = 0
+        self.cpu_share: Optional[CpuShare] = None
+        if settings.n_threads == 0:
+            watchdog = int(os.environ.get(ENV_WATCHDOG_PID, "0"))
+            self.cpu_share = CpuShare(usable_cpus(), own_seconds=lambda: family_cpu_seconds(watchdog)
+                                      if watchdog else own_cpu_seconds())
+        self.threads = model.model.thread_count()
+
+    def idle(self) -> None:
+        """Between generations: keep the thread count current, so the next one starts with it."""
+        if self._generation.acquire(blocking=False):
+            try:
+                self.adapt_threads()
+            finally:
+                self._generation.release()
+
+    def adapt_threads(self) -> None:
+        """With n_threads = 0, generate on the cores no other program keeps busy (see CpuShare);
+        called between polls and between tokens, when gpt4all takes a new count for the next step."""
+        if self.cpu_share is None:
+            return
+        threads = self.cpu_share.update()
+        if threads != self.threads:
+            self.model.model.set_thread_count(threads)
+            log.info("generating on %d of %d cores: other programs keep %.1f cores busy", threads,
+                     len(self.cpu_share.cpus), self.cpu_share.others)
+            self.threads = threads
 
     @property
     def waiting(self) -> int:
@@ -807,6 +918,7 @@ class ModelRunner:
 
         def keep_going() -> bool:
             self.heartbeat()
+            self.adapt_threads()
             if state["finish"] is None and state["error"] is None:
                 if time.monotonic() > deadline:
                     state["finish"] = "timeout"
@@ -846,6 +958,7 @@ class ModelRunner:
         # markers out as text; the low-level prompt_model() parses them as the special tokens they are.
         # _prompt_callback is called once per prompt token.
         self.model.model._prompt_callback = on_prompt_token
+        self.adapt_threads()
         self.model.model.prompt_model(
             prompt, "%1", on_token, n_predict=params.max_tokens, temp=params.temperature, top_k=params.top_k,
             top_p=params.top_p, min_p=params.min_p, repeat_penalty=params.repeat_penalty,
@@ -934,7 +1047,7 @@ def handle_health(app: App, request: Request) -> Reply:
         return json_reply(503, {"status": "loading", "pid": os.getpid(), "uptime_s": uptime}, {"Retry-After": "1"})
     return json_reply(200, {"status": "ok", "model": app.settings.model_id, "pid": os.getpid(),
                             "requests_served": app.runner.completed, "uptime_s": uptime,
-                            "busy": app.runner.busy, "waiting": app.runner.waiting})
+                            "busy": app.runner.busy, "waiting": app.runner.waiting, "threads": app.runner.threads})
 
 
 def log_exchange(app: App, prompt: str, completion: Completion) -> None:
@@ -1511,8 +1624,10 @@ def lower_this_thread_priority() -> None:
     threads that generate later (started by the serving threads) keep the normal priority. Only when
     the watchdog says another worker is serving (an unprivileged thread cannot undo it, and a load
     nobody is waiting behind should get the whole machine). Never in a forked worker: pages it shares
-    with the active worker would make this a priority inversion."""
+    with the active worker would make this a priority inversion. Nice 19 as well, so that CpuShare
+    counts its time as niced, not as a program to make room for."""
     try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only, on Linux
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux
         pass
@@ -1590,6 +1705,7 @@ def run_server(settings: Settings, preloaded: Optional[Tuple[Any, ChatTemplate]]
             log.info("ready: model %s, pid %d", settings.model_id, os.getpid())
         if app.runner is not None and not app.runner.busy:
             sentinel.touch()  # during a generation only its callbacks beat: a stuck model goes silent
+            app.runner.idle()
 
     idle_tick()
     while not activated.wait(HEARTBEAT_EVERY) and not app.stop_accepting:

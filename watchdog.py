@@ -6,7 +6,9 @@ model loaded; a client that comes while no worker accepts waits in the kernel ba
 delays it and never refuses it. A worker gets (../shared/DESIGN.md) the socket's fd in
 GPT4ALL_API_LISTEN_FD, the read end of a control pipe in GPT4ALL_API_CONTROL_FD (b"A" = accept now,
 EOF = the watchdog died: exit at once) and a sentinel path in GPT4ALL_API_SENTINEL (created when
-ready, touched as a heartbeat, removed when its requests are done and its restart is due). Its
+ready, touched as a heartbeat, removed when its requests are done and its restart is due), plus
+GPT4ALL_API_BACKGROUND=1 when another worker serves (load at idle priority) and our pid in
+GPT4ALL_API_WATCHDOG_PID (the workers' CPU time is not "other programs" to make room for). Its
 stdout and stderr come back through one pipe into logs/server.log, of which the watchdog is the
 single writer.
 
@@ -44,8 +46,8 @@ import time
 from pathlib import Path
 from typing import IO, Callable, List, Optional
 
-from gpt4all_api import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD,
-                         EXIT_CANNOT_LOAD, HERE, Settings, configure_logging, load_settings)
+from gpt4all_api import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_WATCHDOG_PID,
+                         ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, HERE, Settings, configure_logging, load_settings)
 
 log = logging.getLogger("watchdog")
 # The workers' output, written as is (the workers format their own lines) to logs/server.log.
@@ -109,11 +111,12 @@ class WorkerProcess:
         the read end of its control pipe. A background worker loads at idle priority."""
         control_read, control_write = os.pipe()  # both non-inheritable: no other child gets them
         env = dict(os.environ, **{ENV_LISTEN_FD: str(listen_fd), ENV_CONTROL_FD: str(control_read),
-                                  ENV_SENTINEL: str(sentinel), ENV_BACKGROUND: "1" if background else "0"})
+                                  ENV_SENTINEL: str(sentinel), ENV_BACKGROUND: "1" if background else "0",
+                                  ENV_WATCHDOG_PID: str(os.getpid())})
         passed = (listen_fd, control_read)
         if zygote_fd is not None:
             command, passed = command + ["--zygote"], (control_read, zygote_fd)
-            env = dict(os.environ, **{ENV_ZYGOTE_FD: str(zygote_fd)})
+            env = dict(os.environ, **{ENV_ZYGOTE_FD: str(zygote_fd), ENV_WATCHDOG_PID: str(os.getpid())})
         try:
             popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, pass_fds=passed,

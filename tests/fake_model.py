@@ -23,6 +23,13 @@ class FakeLLModel:
     def __init__(self, owner: "FakeModel"):
         self.owner = owner
         self.special: Optional[bool] = None
+        self.threads = 2
+
+    def thread_count(self) -> int:
+        return self.threads
+
+    def set_thread_count(self, threads: int) -> None:
+        self.threads = threads
 
     @staticmethod
     def _prompt_callback(token_id: int) -> bool:

@@ -992,3 +992,96 @@ def test_model_retrieve_by_id_and_unknown_id(settings):
     assert found.status == 200 and json_body(found)["id"] == model_id
     missing = dispatch(app, make_request("GET", "/v1/models/gpt-4o"))
     assert missing.status == 404 and json_body(missing)["error"]["code"] == "model_not_found"
+
+
+# --- CpuShare: the thread count under other programs' load ---------------------------------------
+
+class FakeCpus:
+    """A /proc/stat of two CPUs, our own CPU time and a clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.ticks = {0: [0] * 8, 1: [0] * 8}  # user nice system idle iowait irq softirq steal
+        self.own = 0.0
+
+    def stat(self) -> str:
+        total = [sum(column) for column in zip(*self.ticks.values())]
+        lines = ["cpu  " + " ".join(map(str, total + [0, 0]))]
+        lines += [f"cpu{cpu} " + " ".join(map(str, ticks + [0, 0])) for cpu, ticks in self.ticks.items()]
+        return "\n".join(lines + ["intr 12345", "ctxt 678"]) + "\n"
+
+    def run(self, seconds: float, cpu: int, column: int = 0, own: bool = False) -> None:
+        """Account `seconds` of CPU time on one CPU in one column (0 user, 1 nice, 7 steal)."""
+        self.ticks[cpu][column] += round(seconds * 100)
+        if own:
+            self.own += seconds
+
+    def share(self, cpus: List[int] = [0, 1]) -> gpt4all_api.CpuShare:
+        share = gpt4all_api.CpuShare(cpus, read_stat=self.stat, own_seconds=lambda: self.own, clock=lambda: self.now)
+        share.ticks_per_second = 100
+        return share
+
+
+def test_cpu_share_uses_every_core_on_an_idle_machine() -> None:
+    cpus = FakeCpus()
+    share = cpus.share()
+    cpus.now += 1
+    cpus.run(1.0, 0, own=True)
+    cpus.run(0.9, 1, own=True)  # our own generation keeps both cores busy: not a reason to shrink
+    cpus.run(0.1, 1)  # the watchdog and the client: less than a quarter of a core
+    assert share.update() == 2 and share.others == pytest.approx(0.1)
+
+
+def test_cpu_share_gives_a_busy_program_its_core_and_takes_it_back() -> None:
+    cpus = FakeCpus()
+    share = cpus.share()
+    cpus.now += 1
+    cpus.run(1.0, 1)  # another program spins on CPU 1
+    assert share.update() == 1 and share.others == pytest.approx(1.0)
+    cpus.now += 0.2
+    cpus.run(0.2, 0, own=True)
+    assert share.update() == 1, "no new reading before the window has passed"
+    cpus.now += 0.8
+    cpus.run(0.8, 0, own=True)  # the other program has stopped
+    assert share.update() == 2 and share.others == pytest.approx(0.0)
+
+
+def test_cpu_share_counts_steal_and_ignores_nice_and_other_cpus() -> None:
+    cpus = FakeCpus()
+    share = cpus.share()
+    cpus.now += 1
+    cpus.run(1.0, 0, column=1)  # niced work (our idle-priority model loads too) gives way at once
+    assert share.update() == 2
+    cpus.now += 1
+    cpus.run(0.5, 1, column=7)  # the hypervisor took half of CPU 1
+    assert share.update() == 1
+    only_cpu_0 = cpus.share([0])  # the affinity mask leaves CPU 1 out: its load is not ours to share
+    cpus.now += 1
+    cpus.run(1.0, 1)
+    assert only_cpu_0.update() == 1 and only_cpu_0.others == pytest.approx(0.0)
+
+
+def test_cpu_share_without_proc_stat_keeps_every_core() -> None:
+    def missing() -> str:
+        raise FileNotFoundError("/proc/stat")
+    share = gpt4all_api.CpuShare([0, 1, 2, 3], read_stat=missing)
+    assert share.previous is None and share.update() == 4
+
+
+def test_runner_sets_the_thread_count_between_tokens_and_logs_it(caplog: pytest.LogCaptureFixture) -> None:
+    cpus = FakeCpus()
+    model = FakeModel(pieces=["a"] * 5)
+    runner = gpt4all_api.ModelRunner(model, gpt4all_api.Settings(config_file=Path("config.ini")), gpt4all_api.TEMPLATES["chatml"], lambda: None)
+    runner.cpu_share = cpus.share()
+    cpus.now += 1
+    cpus.run(1.0, 1)
+    with caplog.at_level("INFO"):
+        runner.idle()
+    assert runner.threads == 1 and model.model.threads == 1
+    assert "generating on 1 of 2 cores: other programs keep 1.0 cores busy" in caplog.text
+    cpus.now += 1
+    runner.generate("hi", gpt4all_api.parse_generation_params({}, gpt4all_api.Settings(config_file=Path("config.ini"))), lambda: True)
+    assert model.model.threads == 2, "the other program stopped: both cores again"
+    fixed = gpt4all_api.ModelRunner(FakeModel(), gpt4all_api.Settings(config_file=Path("config.ini"), n_threads=2), gpt4all_api.TEMPLATES["chatml"],
+                                    lambda: None)
+    assert fixed.cpu_share is None, "a configured n_threads is used as it is"
