@@ -793,12 +793,15 @@ class CpuShare:
     preempts stalls them all. Measured on 2 cores with one busy program in another session: 30 tokens
     took 16 - 35 s on 2 threads against 1.5 s on 1 (0.8 s on 2 with the machine idle). The others'
     load is the busy time /proc/stat counts on our CPUs less our own (a worker's own: its watchdog's
-    family), over the last half second or more, read between tokens too. Niced programs, our own
-    idle-priority model loads among them, do not count: they give way at once. A program using a
-    quarter of a core or more takes one.
+    family), read every half second or more, between tokens too. A reading taken during a generation
+    acts at once; readings in between must agree for two seconds before a core is given up (a client
+    that computed for a moment before asking is no reason to generate on fewer threads). Others using
+    half a core or more take one; under a quarter of a core, it is ours again.
     """
 
     WINDOW = 0.5  # seconds between two readings
+    SHRINK_AT, GROW_BELOW = 0.5, 0.25  # cores of other programs' load, per core given up
+    SUSTAINED = 4  # readings in a row, outside a generation, before a core is given up
 
     def __init__(self, cpus: List[int], read_stat: Callable[[], str] = read_proc_stat,
                  own_seconds: Callable[[], float] = own_cpu_seconds, clock: Callable[[], float] = time.monotonic):
@@ -806,25 +809,27 @@ class CpuShare:
         self.ticks_per_second = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.threads = len(self.cpus)
         self.others = 0.0  # cores busy with other programs in the last window
+        self.pressure = 0  # readings in a row that asked for fewer threads
         self.previous = self.sample()
         self.next_reading = self.clock() + self.WINDOW
 
     def sample(self) -> Optional[Tuple[float, float, float]]:
-        """(time, seconds our CPUs were busy, seconds of our own CPU time); None without /proc/stat."""
+        """(time, seconds our CPUs were busy, seconds of our own CPU time); None without /proc."""
         try:
             busy_ticks = 0
             for line in self.read_stat().splitlines():
                 name, *fields = line.split()
                 if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cpus:
-                    user, _nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
-                    busy_ticks += user + system + irq + softirq + steal
+                    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+                    busy_ticks += user + nice + system + irq + softirq + steal
             own = self.own_seconds()
         except (OSError, ValueError):
             return None
         return self.clock(), busy_ticks / self.ticks_per_second, own
 
-    def update(self) -> int:
-        """Take a reading when the window has passed; return the thread count to use now."""
+    def update(self, generating: bool = False) -> int:
+        """Take a reading when the window has passed; return the thread count to use now.
+        generating: the window overlapped one of our generations."""
         if self.previous is None or self.clock() < self.next_reading:
             return self.threads
         current = self.sample()
@@ -832,27 +837,53 @@ class CpuShare:
             return self.threads
         elapsed = current[0] - self.previous[0]
         busy, own = current[1] - self.previous[1], current[2] - self.previous[2]
-        self.others = max(0.0, busy - own) / elapsed if elapsed > 0 else 0.0
         self.previous, self.next_reading = current, current[0] + self.WINDOW
-        self.threads = max(1, len(self.cpus) - int(self.others + 0.75))
+        if elapsed <= 0 or not 0 <= own <= elapsed * len(self.cpus) * 1.5:
+            return self.threads  # a child reaped between two reads of the family: skip this one
+        self.others = max(0.0, busy - own) / elapsed
+        fewer = max(1, len(self.cpus) - int(self.others + 1 - self.SHRINK_AT))
+        more = max(1, len(self.cpus) - int(self.others + 1 - self.GROW_BELOW))
+        if fewer < self.threads:
+            self.pressure += 1
+            if generating or self.pressure >= self.SUSTAINED:
+                self.threads, self.pressure = fewer, 0
+        else:
+            self.pressure = 0
+            self.threads = max(self.threads, more)
         return self.threads
+
+
+def watch_cpu_share(settings: Settings) -> Optional[CpuShare]:
+    """A CpuShare for n_threads = 0; None for a fixed count, or when /proc cannot tell the load."""
+    if settings.n_threads:
+        return None
+    watchdog = int(os.environ.get(ENV_WATCHDOG_PID, "0"))
+    own_seconds = own_cpu_seconds
+    if watchdog:
+        try:
+            family_cpu_seconds(watchdog)
+            own_seconds = lambda: family_cpu_seconds(watchdog)  # noqa: E731
+        except (OSError, ValueError):  # no /proc/PID/task/PID/children here: count this process only
+            pass
+    share = CpuShare(usable_cpus(), own_seconds=own_seconds)
+    if share.previous is None:
+        log.warning("cannot read the CPU load from /proc/stat: generating on all %d cores", len(share.cpus))
+        return None
+    return share
 
 
 class ModelRunner:
     """Owns the model: one generation at a time, at most queue_size waiting, limits through the callback."""
 
-    def __init__(self, model: Any, settings: Settings, template: ChatTemplate, heartbeat: Callable[[], None]):
+    def __init__(self, model: Any, settings: Settings, template: ChatTemplate, heartbeat: Callable[[], None],
+                 cpu_share: Optional[CpuShare] = None):
         self.model, self.settings, self.template, self.heartbeat = model, settings, template, heartbeat
         self._generation = threading.Lock()
         self._counters = threading.Lock()
         self.admitted = 0  # running plus waiting
         self.busy = False
         self.completed = 0
-        self.cpu_share: Optional[CpuShare] = None
-        if settings.n_threads == 0:
-            watchdog = int(os.environ.get(ENV_WATCHDOG_PID, "0"))
-            self.cpu_share = CpuShare(usable_cpus(), own_seconds=lambda: family_cpu_seconds(watchdog)
-                                      if watchdog else own_cpu_seconds())
+        self.cpu_share = cpu_share
         self.threads = model.model.thread_count()
 
     def idle(self) -> None:
@@ -863,17 +894,21 @@ class ModelRunner:
             finally:
                 self._generation.release()
 
-    def adapt_threads(self) -> None:
+    def adapt_threads(self, generating: bool = False) -> None:
         """With n_threads = 0, generate on the cores no other program keeps busy (see CpuShare);
         called between polls and between tokens, when gpt4all takes a new count for the next step."""
         if self.cpu_share is None:
             return
-        threads = self.cpu_share.update()
-        if threads != self.threads:
-            self.model.model.set_thread_count(threads)
-            log.info("generating on %d of %d cores: other programs keep %.1f cores busy", threads,
-                     len(self.cpu_share.cpus), self.cpu_share.others)
-            self.threads = threads
+        try:
+            threads = self.cpu_share.update(generating)
+            if threads != self.threads:
+                self.model.model.set_thread_count(threads)
+                log.info("generating on %d of %d cores: other programs keep %.1f cores busy", threads,
+                         len(self.cpu_share.cpus), self.cpu_share.others)
+                self.threads = threads
+        except Exception:  # inside gpt4all's callback an exception would vanish: log it, stop adapting
+            log.exception("cannot adapt the thread count; keeping %d threads", self.threads)
+            self.cpu_share = None
 
     @property
     def waiting(self) -> int:
@@ -918,7 +953,7 @@ class ModelRunner:
 
         def keep_going() -> bool:
             self.heartbeat()
-            self.adapt_threads()
+            self.adapt_threads(generating=True)
             if state["finish"] is None and state["error"] is None:
                 if time.monotonic() > deadline:
                     state["finish"] = "timeout"
@@ -1624,10 +1659,8 @@ def lower_this_thread_priority() -> None:
     threads that generate later (started by the serving threads) keep the normal priority. Only when
     the watchdog says another worker is serving (an unprivileged thread cannot undo it, and a load
     nobody is waiting behind should get the whole machine). Never in a forked worker: pages it shares
-    with the active worker would make this a priority inversion. Nice 19 as well, so that CpuShare
-    counts its time as niced, not as a program to make room for."""
+    with the active worker would make this a priority inversion."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only, on Linux
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux
         pass
@@ -1639,7 +1672,7 @@ def warm_up(model: Any, settings: Settings) -> None:
                              n_predict=1, n_batch=settings.n_batch, reset_context=True, special=True)
 
 
-def run_server(settings: Settings, preloaded: Optional[Tuple[Any, ChatTemplate]] = None) -> int:
+def run_server(settings: Settings, preloaded: Optional[Tuple[Any, ChatTemplate, Optional[CpuShare]]] = None) -> int:
     """Load the model (or take the zygote's), serve until stopped or the restart is due; return the exit code."""
     worker = ENV_LISTEN_FD in os.environ
     app = App(settings, worker=worker)
@@ -1677,11 +1710,11 @@ def run_server(settings: Settings, preloaded: Optional[Tuple[Any, ChatTemplate]]
         try:
             started = time.monotonic()
             if preloaded:
-                model, template = preloaded
+                model, template, cpu_share = preloaded
             else:
                 model = load_model(settings)
-                template = choose_template(settings, settings.model_file)
-            loaded["runner"] = ModelRunner(model, settings, template, sentinel.touch)
+                template, cpu_share = choose_template(settings, settings.model_file), watch_cpu_share(settings)
+            loaded["runner"] = ModelRunner(model, settings, template, sentinel.touch, cpu_share)
             log.info("model %s loaded in %.2fs (template %s, n_ctx %d)", settings.model_id,
                      time.monotonic() - started, template.name, settings.n_ctx)
         except CannotLoad as error:
@@ -1759,15 +1792,24 @@ def run_zygote(settings: Settings) -> int:
         log.critical("%s", loaded["error"])
         return EXIT_CANNOT_LOAD
     model, template = loaded["model"], choose_template(settings, settings.model_file)
+    # Keep reading the CPU load, so that a forked worker starts with the thread count it needs.
+    cpu_share = watch_cpu_share(settings)
     log.info("zygote: model %s loaded, pid %d", settings.model_id, os.getpid())
-    return serve_fork_requests(channel, lambda: run_server(settings, preloaded=(model, template)))
+    return serve_fork_requests(channel, lambda: run_server(settings, preloaded=(model, template, cpu_share)),
+                               every_half_second=cpu_share.update if cpu_share else None)
 
 
-def serve_fork_requests(channel: socket.socket, run: Callable[[], int]) -> int:
+def serve_fork_requests(channel: socket.socket, run: Callable[[], int],
+                        every_half_second: Optional[Callable[[], Any]] = None) -> int:
     """Say ready, then fork a worker running run() for each request, until the watchdog hangs up."""
     channel.sendall(b"ready")
+    channel.settimeout(0.5 if every_half_second else None)
     while True:
-        message, fds, _, _ = socket.recv_fds(channel, 4096, 3)
+        try:
+            message, fds, _, _ = socket.recv_fds(channel, 4096, 3)
+        except socket.timeout:
+            every_half_second()
+            continue
         if not message or len(fds) != 3:
             return EXIT_OK  # the watchdog is gone
         pid = fork_worker(channel, Path(message.decode()), fds, run)
@@ -1789,7 +1831,7 @@ def fork_worker(channel: socket.socket, sentinel: Path, fds: List[int], run: Cal
             if grandchild:
                 os.write(writer, str(grandchild).encode())
                 os._exit(0)
-            os.setsid()  # its own process group, which the watchdog signals as a whole
+            os.setpgid(0, 0)  # its own process group, which the watchdog signals as a whole
             os.close(writer)
             channel.close()
             os.dup2(output_fd, 1)

@@ -11,6 +11,9 @@ watchdog  back-to-back requests through watchdog.py: restart after every request
           connection errors; the watchdog's idle CPU.
 stream    time to first token and tokens/s of a streamed /v1/chat/completions vs raw generate()
           with a callback.
+busy      the server beside one busy program (another session, one core): n_threads = 0, which
+          leaves that core alone, vs n_threads = every core; both against the idle machine
+          (at most 2 passes: the fixed count can take tens of seconds per request).
 
 Ratios compare against the baseline measured in the same run, so a slow or busy machine shows in
 both. Results are printed and written to bench/results/.
@@ -258,12 +261,42 @@ def bench_stream(workdir: Path, rounds: int) -> dict:
             "tokens_per_s_ratio": median(server_speed) / median(raw_speed)}
 
 
+def median_beside(workdir: Path, name: str, overrides, rounds: int, busy: bool) -> float:
+    """Median latency of a standalone server, with or without a busy program in another session."""
+    server = Process("gpt4all_api.py", write_config(workdir / name, overrides))
+    try:
+        server.wait_ready()
+        for prompt in PROMPTS:
+            post_generate(server.base_url, prompt)
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) if busy else None
+        try:
+            time.sleep(1.5)  # a program that has been running for a while
+            times = [post_generate(server.base_url, prompt)[0] for _ in range(rounds) for prompt in PROMPTS]
+        finally:
+            if hog:
+                hog.kill()
+                hog.wait()
+    finally:
+        server.stop()
+    return median(times)
+
+
+def bench_busy(workdir: Path, rounds: int) -> dict:
+    rounds = min(rounds, 2)
+    every_core = {"model": {"n_threads": len(os.sched_getaffinity(0))}}
+    idle = median_beside(workdir, "idle", None, rounds, busy=False)
+    adaptive = median_beside(workdir, "busy_adaptive", None, rounds, busy=True)
+    fixed = median_beside(workdir, "busy_fixed", every_core, rounds, busy=True)
+    return {"idle_median_s": idle, "busy_adaptive_median_s": adaptive, "busy_every_core_median_s": fixed,
+            "adaptive_vs_idle": adaptive / idle, "every_core_vs_idle": fixed / idle}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "stream", "all"])
+    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "stream", "busy", "all"])
     parser.add_argument("--rounds", type=int, default=5, help="passes over the prompts (default %(default)s)")
     arguments = parser.parse_args()
-    benches = {"server": bench_server, "watchdog": bench_watchdog, "stream": bench_stream}
+    benches = {"server": bench_server, "watchdog": bench_watchdog, "stream": bench_stream, "busy": bench_busy}
     chosen = list(benches) if arguments.which == "all" else [arguments.which]
     results = {"cpu_count": os.cpu_count(), "max_tokens": MAX_TOKENS, "rounds": arguments.rounds}
     with tempfile.TemporaryDirectory() as workdir:

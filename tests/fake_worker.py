@@ -30,8 +30,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gpt4all_api import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD, EXIT_ORPHANED,  # noqa: E402
-                         LOG_FORMAT, serve_fork_requests)
+from gpt4all_api import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD,  # noqa: E402
+                         EXIT_ORPHANED, LOG_FORMAT, serve_fork_requests)
 
 log = logging.getLogger("fake_worker")
 HEARTBEAT_EVERY = 0.2

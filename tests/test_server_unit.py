@@ -1016,72 +1016,99 @@ class FakeCpus:
         if own:
             self.own += seconds
 
-    def share(self, cpus: List[int] = [0, 1]) -> gpt4all_api.CpuShare:
-        share = gpt4all_api.CpuShare(cpus, read_stat=self.stat, own_seconds=lambda: self.own, clock=lambda: self.now)
+    def share(self, cpus: Optional[List[int]] = None) -> gpt4all_api.CpuShare:
+        share = gpt4all_api.CpuShare(cpus or [0, 1], read_stat=self.stat, own_seconds=lambda: self.own,
+                                     clock=lambda: self.now)
         share.ticks_per_second = 100
         return share
 
+    def reading(self, share: gpt4all_api.CpuShare, others: float, generating: bool = False,
+                own: float = 0.0, column: int = 0) -> int:
+        """Half a second in which other programs use `others` cores (on CPU 1, then 0) and we `own`."""
+        self.now += 0.5
+        self.run(min(others, 1.0) * 0.5, 1, column)
+        self.run(max(others - 1.0, 0.0) * 0.5, 0, column)
+        self.run(own * 0.5, 0, own=True)
+        return share.update(generating)
 
-def test_cpu_share_uses_every_core_on_an_idle_machine() -> None:
+
+def test_cpu_share_uses_every_core_when_only_we_and_light_programs_run() -> None:
     cpus = FakeCpus()
     share = cpus.share()
-    cpus.now += 1
-    cpus.run(1.0, 0, own=True)
-    cpus.run(0.9, 1, own=True)  # our own generation keeps both cores busy: not a reason to shrink
-    cpus.run(0.1, 1)  # the watchdog and the client: less than a quarter of a core
-    assert share.update() == 2 and share.others == pytest.approx(0.1)
+    assert [cpus.reading(share, 0.2, own=1.8, generating=True) for _ in range(6)] == [2] * 6
+    assert share.others == pytest.approx(0.2)
 
 
-def test_cpu_share_gives_a_busy_program_its_core_and_takes_it_back() -> None:
+def test_cpu_share_gives_a_core_at_once_to_a_program_busy_during_a_generation() -> None:
     cpus = FakeCpus()
     share = cpus.share()
-    cpus.now += 1
-    cpus.run(1.0, 1)  # another program spins on CPU 1
-    assert share.update() == 1 and share.others == pytest.approx(1.0)
-    cpus.now += 0.2
-    cpus.run(0.2, 0, own=True)
-    assert share.update() == 1, "no new reading before the window has passed"
-    cpus.now += 0.8
-    cpus.run(0.8, 0, own=True)  # the other program has stopped
-    assert share.update() == 2 and share.others == pytest.approx(0.0)
+    assert cpus.reading(share, 1.0, own=1.0, generating=True) == 1
+    assert cpus.reading(share, 0.4, own=1.0, generating=True) == 1, "between a quarter and half a core: no change"
+    assert cpus.reading(share, 0.1, own=1.0, generating=True) == 2, "the program has stopped: the core is ours"
 
 
-def test_cpu_share_counts_steal_and_ignores_nice_and_other_cpus() -> None:
+def test_cpu_share_between_generations_waits_two_seconds_before_giving_a_core() -> None:
     cpus = FakeCpus()
     share = cpus.share()
-    cpus.now += 1
-    cpus.run(1.0, 0, column=1)  # niced work (our idle-priority model loads too) gives way at once
-    assert share.update() == 2
-    cpus.now += 1
-    cpus.run(0.5, 1, column=7)  # the hypervisor took half of CPU 1
-    assert share.update() == 1
+    # A client that computed for a second and a half before asking takes nothing from the answer.
+    assert [cpus.reading(share, 1.0) for _ in range(3)] + [cpus.reading(share, 0.0)] == [2, 2, 2, 2]
+    # A program that stays busy does.
+    assert [cpus.reading(share, 1.0) for _ in range(4)] == [2, 2, 2, 1]
+
+
+def test_cpu_share_counts_nice_and_steal_and_ignores_other_cpus() -> None:
+    cpus = FakeCpus()
+    share = cpus.share()
+    assert cpus.reading(share, 1.0, generating=True, column=1) == 1, "nice only ranks within one session"
+    assert cpus.reading(share, 0.0, generating=True) == 2
+    assert cpus.reading(share, 0.6, generating=True, column=7) == 1, "the hypervisor took CPU 1"
     only_cpu_0 = cpus.share([0])  # the affinity mask leaves CPU 1 out: its load is not ours to share
-    cpus.now += 1
-    cpus.run(1.0, 1)
-    assert only_cpu_0.update() == 1 and only_cpu_0.others == pytest.approx(0.0)
+    assert cpus.reading(only_cpu_0, 1.0, generating=True) == 1 and only_cpu_0.others == pytest.approx(0.0)
 
 
-def test_cpu_share_without_proc_stat_keeps_every_core() -> None:
+def test_cpu_share_skips_a_reading_where_our_own_time_went_backwards() -> None:
+    cpus = FakeCpus()
+    share = cpus.share()
+    cpus.own = 50.0
+    assert cpus.reading(share, 0.0, generating=True) == 2, "our family's time jumped: skipped"
+    cpus.own = 10.0  # a reaped child's time is missing for one reading
+    assert cpus.reading(share, 0.0, generating=True) == 2
+    assert cpus.reading(share, 1.0, generating=True) == 1, "the readings after it count again"
+
+
+def test_cpu_share_without_proc_stat_is_off() -> None:
     def missing() -> str:
         raise FileNotFoundError("/proc/stat")
     share = gpt4all_api.CpuShare([0, 1, 2, 3], read_stat=missing)
-    assert share.previous is None and share.update() == 4
+    assert share.previous is None and share.update(True) == 4
+
+
+def test_family_cpu_seconds_adds_the_watchdog_its_reaped_and_its_live_children(tmp_path: Path) -> None:
+    def stat(pid: int, utime: int, stime: int, cutime: int, cstime: int) -> None:
+        (tmp_path / str(pid)).mkdir(exist_ok=True)
+        fields = ["S"] + ["0"] * 10 + [str(utime), str(stime), str(cutime), str(cstime)] + ["0"] * 30
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (python (x) y) " + " ".join(fields) + "\n")
+    stat(10, 100, 50, 1000, 200)
+    stat(11, 300, 30, 7, 7)  # a child's own reaped children are not counted twice
+    (tmp_path / "10" / "task" / "10").mkdir(parents=True)
+    (tmp_path / "10" / "task" / "10" / "children").write_text("11 12 ")  # 12: gone before we read it
+    ticks = gpt4all_api.os.sysconf("SC_CLK_TCK")
+    assert gpt4all_api.family_cpu_seconds(10, proc=tmp_path) == pytest.approx((100 + 50 + 1000 + 200 + 330) / ticks)
 
 
 def test_runner_sets_the_thread_count_between_tokens_and_logs_it(caplog: pytest.LogCaptureFixture) -> None:
     cpus = FakeCpus()
     model = FakeModel(pieces=["a"] * 5)
-    runner = gpt4all_api.ModelRunner(model, gpt4all_api.Settings(config_file=Path("config.ini")), gpt4all_api.TEMPLATES["chatml"], lambda: None)
-    runner.cpu_share = cpus.share()
-    cpus.now += 1
-    cpus.run(1.0, 1)
+    settings = gpt4all_api.Settings(config_file=Path("config.ini"))
+    runner = gpt4all_api.ModelRunner(model, settings, gpt4all_api.TEMPLATES["chatml"], lambda: None, cpus.share())
     with caplog.at_level("INFO"):
-        runner.idle()
+        for _ in range(4):
+            cpus.now += 0.5
+            cpus.run(0.5, 1)  # another program spins on CPU 1
+            runner.idle()
     assert runner.threads == 1 and model.model.threads == 1
     assert "generating on 1 of 2 cores: other programs keep 1.0 cores busy" in caplog.text
-    cpus.now += 1
-    runner.generate("hi", gpt4all_api.parse_generation_params({}, gpt4all_api.Settings(config_file=Path("config.ini"))), lambda: True)
+    cpus.now += 0.5
+    runner.generate("hi", gpt4all_api.parse_generation_params({}, settings), lambda: True)
     assert model.model.threads == 2, "the other program stopped: both cores again"
-    fixed = gpt4all_api.ModelRunner(FakeModel(), gpt4all_api.Settings(config_file=Path("config.ini"), n_threads=2), gpt4all_api.TEMPLATES["chatml"],
-                                    lambda: None)
-    assert fixed.cpu_share is None, "a configured n_threads is used as it is"
+    assert gpt4all_api.watch_cpu_share(dataclasses.replace(settings, n_threads=2)) is None, "a fixed count"

@@ -104,6 +104,14 @@ def test_workers_forked_by_the_zygote_or_started_without_it(start: Callable[...,
     plain = start_watchdog(start, restart_after_requests=1, zygote="false")
     assert len({get(plain)["pid"] for _ in range(3)}) == 3
     assert "zygote" not in read_log(plain, "watchdog.log")
+    # Each worker and the zygote: a process group of its own (signalled as a whole), in the watchdog's
+    # session (Linux shares the CPU between sessions first: idle priority works only inside one).
+    for watchdog in (forked, plain):
+        for pid in worker_pids(watchdog, zygote_too=True):
+            try:
+                assert os.getpgid(pid) == pid and os.getsid(pid) == os.getsid(watchdog.popen.pid), pid
+            except ProcessLookupError:
+                pass  # a retired worker, gone since it was listed
     # The first worker loads with nobody serving; each spare beside an active worker.
     loads = re.findall(r"loading (at full speed|in the background)", read_log(plain, "server.log"))
     assert loads[0] == "at full speed" and set(loads[1:]) == {"in the background"}, loads

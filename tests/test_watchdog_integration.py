@@ -142,13 +142,15 @@ def test_sigkill_of_the_active_worker_mid_generation(start):
     assert first_served < 3, f"the first waiting request was served {first_served:.1f} s after the crash"
 
 
-def test_sigkill_of_the_active_worker_before_the_spare_has_loaded(start):
-    """Right after the start the spare is not ready: its replacement loads at full speed (after the
-    1 s crash backoff), however busy the machine, instead of at the spare's idle priority."""
-    watchdog = start("watchdog.py")
+def test_sigkill_of_the_only_worker_mid_generation(start):
+    """No spare ready (here: none at all): the replacement loads at full speed after the 1 s crash
+    backoff, not at a spare's idle priority, and serves the requests that waited."""
+    watchdog = start("watchdog.py", {"watchdog": {"warm_spare": "false", "zygote": "false"}})
     watchdog.wait_ready()
     first_served = kill_the_active_worker_mid_generation(watchdog)
     assert first_served < 15, f"the first waiting request was served {first_served:.1f} s after the crash"
+    logs = (watchdog.config.parent / "logs" / "watchdog.log").read_text()
+    assert "next worker in 1 s" in logs and "worker 2 " in logs.split("crashed while active")[1], logs
 
 
 def _try(function, *args):
