@@ -794,14 +794,14 @@ class CpuShare:
     took 16 - 35 s on 2 threads against 1.5 s on 1 (0.8 s on 2 with the machine idle). The others'
     load is the busy time /proc/stat counts on our CPUs less our own (a worker's own: its watchdog's
     family), read every half second or more, between tokens too. A reading taken during a generation
-    acts at once; readings in between must agree for two seconds before a core is given up (a client
-    that computed for a moment before asking is no reason to generate on fewer threads). Others using
-    half a core or more take one; under a quarter of a core, it is ours again.
+    acts at once; readings in between must agree for ten seconds before a core is given up (a client
+    that computed for a few seconds before asking is no reason to generate on fewer threads). Others
+    using half a core or more take one; under a quarter of a core, it is ours again.
     """
 
     WINDOW = 0.5  # seconds between two readings
     SHRINK_AT, GROW_BELOW = 0.5, 0.25  # cores of other programs' load, per core given up
-    SUSTAINED = 4  # readings in a row, outside a generation, before a core is given up
+    SUSTAINED = 20  # readings in a row, outside a generation, before a core is given up
 
     def __init__(self, cpus: List[int], read_stat: Callable[[], str] = read_proc_stat,
                  own_seconds: Callable[[], float] = own_cpu_seconds, clock: Callable[[], float] = time.monotonic):
@@ -826,6 +826,13 @@ class CpuShare:
         except (OSError, ValueError):
             return None
         return self.clock(), busy_ticks / self.ticks_per_second, own
+
+    def begin_generation(self) -> None:
+        """A generation starts: the next reading covers it alone (a client that computed just before
+        asking must not count as a program competing with it)."""
+        current = self.sample()
+        if current is not None:
+            self.previous, self.next_reading = current, current[0] + self.WINDOW
 
     def update(self, generating: bool = False) -> int:
         """Take a reading when the window has passed; return the thread count to use now.
@@ -994,6 +1001,8 @@ class ModelRunner:
         # _prompt_callback is called once per prompt token.
         self.model.model._prompt_callback = on_prompt_token
         self.adapt_threads()
+        if self.cpu_share is not None:
+            self.cpu_share.begin_generation()
         self.model.model.prompt_model(
             prompt, "%1", on_token, n_predict=params.max_tokens, temp=params.temperature, top_k=params.top_k,
             top_p=params.top_p, min_p=params.min_p, repeat_penalty=params.repeat_penalty,
@@ -1768,30 +1777,18 @@ def run_zygote(settings: Settings) -> int:
     pipe); the zygote forks twice so the worker's parent becomes the watchdog (a child subreaper),
     and answers with the worker's pid. A fork costs milliseconds and shares the model's memory, so
     a fresh worker per request no longer pays, or makes the active worker pay, a model load.
-    The zygote never serves and forks from its only thread, which keeps fork() safe. It loads in a
-    second thread at idle priority (the watchdog starts it once a worker is active), gone before the
-    first fork: the main thread, which every worker inherits its priority from, keeps the normal one.
+    The zygote never serves and stays single-threaded, which keeps fork() safe. It loads at normal
+    priority: at idle priority a steady stream of requests would starve it (measured), and it loads
+    once, when the first worker is active.
     """
     channel = socket.socket(fileno=int(os.environ.pop(ENV_ZYGOTE_FD)))
-    loaded: Dict[str, Any] = {}
-
-    def load() -> None:
-        lower_this_thread_priority()
-        try:
-            loaded["model"] = load_model(settings)
-            warm_up(loaded["model"], settings)
-        except CannotLoad as error:
-            loaded["error"] = str(error)
-        except Exception as error:
-            loaded["error"] = f"cannot load the model: {error!r}"
-
-    loader = threading.Thread(target=load, name="model-loader")
-    loader.start()
-    loader.join()
-    if "error" in loaded:
-        log.critical("%s", loaded["error"])
+    try:
+        model = load_model(settings)
+    except CannotLoad as error:
+        log.critical("%s", error)
         return EXIT_CANNOT_LOAD
-    model, template = loaded["model"], choose_template(settings, settings.model_file)
+    warm_up(model, settings)
+    template = choose_template(settings, settings.model_file)
     # Keep reading the CPU load, so that a forked worker starts with the thread count it needs.
     cpu_share = watch_cpu_share(settings)
     log.info("zygote: model %s loaded, pid %d", settings.model_id, os.getpid())

@@ -1047,13 +1047,23 @@ def test_cpu_share_gives_a_core_at_once_to_a_program_busy_during_a_generation() 
     assert cpus.reading(share, 0.1, own=1.0, generating=True) == 2, "the program has stopped: the core is ours"
 
 
-def test_cpu_share_between_generations_waits_two_seconds_before_giving_a_core() -> None:
+def test_cpu_share_reading_in_a_generation_covers_the_generation_alone() -> None:
     cpus = FakeCpus()
     share = cpus.share()
-    # A client that computed for a second and a half before asking takes nothing from the answer.
-    assert [cpus.reading(share, 1.0) for _ in range(3)] + [cpus.reading(share, 0.0)] == [2, 2, 2, 2]
+    cpus.now += 0.4
+    cpus.run(0.4, 0)
+    cpus.run(0.4, 1)  # the client computed on both cores just before it asked
+    share.begin_generation()
+    assert cpus.reading(share, 0.0, own=2.0, generating=True) == 2 and share.others == pytest.approx(0.0)
+
+
+def test_cpu_share_between_generations_waits_ten_seconds_before_giving_a_core() -> None:
+    cpus = FakeCpus()
+    share = cpus.share()
+    # A client that computed for nine and a half seconds before asking takes nothing from the answer.
+    assert [cpus.reading(share, 1.0) for _ in range(19)] + [cpus.reading(share, 0.0)] == [2] * 20
     # A program that stays busy does.
-    assert [cpus.reading(share, 1.0) for _ in range(4)] == [2, 2, 2, 1]
+    assert [cpus.reading(share, 1.0) for _ in range(20)] == [2] * 19 + [1]
 
 
 def test_cpu_share_counts_nice_and_steal_and_ignores_other_cpus() -> None:
@@ -1102,7 +1112,7 @@ def test_runner_sets_the_thread_count_between_tokens_and_logs_it(caplog: pytest.
     settings = gpt4all_api.Settings(config_file=Path("config.ini"))
     runner = gpt4all_api.ModelRunner(model, settings, gpt4all_api.TEMPLATES["chatml"], lambda: None, cpus.share())
     with caplog.at_level("INFO"):
-        for _ in range(4):
+        for _ in range(gpt4all_api.CpuShare.SUSTAINED):
             cpus.now += 0.5
             cpus.run(0.5, 1)  # another program spins on CPU 1
             runner.idle()
