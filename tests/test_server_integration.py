@@ -273,10 +273,10 @@ def test_a_busy_program_elsewhere_gets_its_core_and_the_generation_stays_fast(se
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
     try:
         started = time.monotonic()
-        answer = generate_json(server, long_generation(40))
+        answer = generate_json(server, long_generation(80))  # long enough for a reading on any machine
         elapsed = time.monotonic() - started
-        assert answer["usage"]["completion_tokens"] == 40
-        assert elapsed < 15, f"40 tokens took {elapsed:.1f} s beside a busy program"
+        assert answer["usage"]["completion_tokens"] == 80
+        assert elapsed < 20, f"80 tokens took {elapsed:.1f} s beside a busy program"
         assert health(server)["threads"] < cores, "the core stays given up while the program runs"
     finally:
         busy.kill()
