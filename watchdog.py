@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Callable, List, Optional
+from typing import IO, Callable, List, Optional, Tuple
 
 from gpt4all_api import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_WATCHDOG_PID,
                          ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, HERE, Settings, configure_logging, load_settings)
@@ -113,13 +113,14 @@ class WorkerProcess:
         of its own an idle-priority load would still take half the machine from the active worker
         (measured: 30 tokens took 3 - 7 s beside one, 1.1 - 1.6 s in the same session, 0.9 s alone)."""
         control_read, control_write = os.pipe()  # both non-inheritable: no other child gets them
-        env = dict(os.environ, **{ENV_LISTEN_FD: str(listen_fd), ENV_CONTROL_FD: str(control_read),
-                                  ENV_SENTINEL: str(sentinel), ENV_BACKGROUND: "1" if background else "0",
-                                  ENV_WATCHDOG_PID: str(os.getpid())})
-        passed = (listen_fd, control_read)
-        if zygote_fd is not None:
-            command, passed = command + ["--zygote"], (control_read, zygote_fd)
-            env = dict(os.environ, **{ENV_ZYGOTE_FD: str(zygote_fd), ENV_WATCHDOG_PID: str(os.getpid())})
+        env = dict(os.environ, **{ENV_WATCHDOG_PID: str(os.getpid())})
+        if zygote_fd is None:
+            env.update({ENV_LISTEN_FD: str(listen_fd), ENV_CONTROL_FD: str(control_read),
+                        ENV_SENTINEL: str(sentinel), ENV_BACKGROUND: "1" if background else "0"})
+            passed: Tuple[int, ...] = (listen_fd, control_read)
+        else:  # the zygote hands each forked worker its own fds; it needs the channel only
+            command, passed = command + ["--zygote"], (zygote_fd,)
+            env[ENV_ZYGOTE_FD] = str(zygote_fd)
         try:
             popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, pass_fds=passed,

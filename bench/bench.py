@@ -82,28 +82,26 @@ class RawModel:
         self.model = GPT4All(settings.model_id, model_path=str(settings.model_path), allow_download=False,
                              device="cpu", n_threads=os.cpu_count(), n_ctx=settings.n_ctx)
 
-    def generate(self, prompt: str, on_token=None):
+    def generate(self, prompt: str):
         """(seconds, text, tokens, seconds to first token)."""
-        state = {"tokens": 0, "first": None}
+        pieces, first = [], []
         started = time.monotonic()
 
         def callback(token_id, piece):
-            if state["first"] is None:
-                state["first"] = time.monotonic() - started
-            state["tokens"] += 1
+            if not first:
+                first.append(time.monotonic() - started)
+            pieces.append(piece)
             return True
 
         s = self.settings
-        pieces = []
         # generate() without a chat session, but with the template's markers parsed as special tokens,
         # as the server sends them (GPT4All.generate() itself would spell them out as text)
         self.model.model.prompt_model(
-            chatml(prompt), "%1", lambda token_id, piece: pieces.append(piece) or callback(token_id, piece),
-            n_predict=MAX_TOKENS, temp=0.0, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-            repeat_penalty=s.repeat_penalty, repeat_last_n=s.repeat_last_n, n_batch=s.n_batch,
+            chatml(prompt), "%1", callback, n_predict=MAX_TOKENS, temp=0.0, top_k=s.top_k, top_p=s.top_p,
+            min_p=s.min_p, repeat_penalty=s.repeat_penalty, repeat_last_n=s.repeat_last_n, n_batch=s.n_batch,
             reset_context=True, special=True)
         text = "".join(pieces)
-        return time.monotonic() - started, text.replace("<|im_end|>", ""), state["tokens"], state["first"]
+        return time.monotonic() - started, text.replace("<|im_end|>", ""), len(pieces), first[0] if first else None
 
 
 def post_generate(base_url: str, prompt: str):
@@ -185,8 +183,7 @@ def run_watchdog_mode(workdir: Path, name: str, overrides: dict, requests: int) 
 def idle_cpu_fraction(pid: int, seconds: float) -> float:
     """CPU time the process used while idle, as a fraction of one core."""
     def cpu_seconds() -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return gpt4all_api.process_cpu_ticks(pid) / os.sysconf("SC_CLK_TCK")
     before = cpu_seconds()
     time.sleep(seconds)
     return (cpu_seconds() - before) / seconds
