@@ -21,7 +21,8 @@ Worker states, driven by Supervisor.tick(now):
 An exit from any other state is a crash: the watchdog backs off (1 s doubling to backoff_max; at
 once backoff_max for EXIT_CANNOT_LOAD) before it starts the next worker. SIGTERM or SIGINT: graceful
 stop, exit status 0. SIGHUP: re-read the config, roll the workers. Exit status 1: another watchdog
-holds the lock; 2: bad config or cannot listen. This file never imports gpt4all. Read top to bottom:
+holds the lock; 2: bad config or cannot listen. It imports only apiserver.settings and
+apiserver.protocol: never gpt4all, never the HTTP server (tests/test_layout.py checks). Read top to bottom:
 the worker's process, the state machine, the process-wide pieces, main().
 """
 
@@ -34,7 +35,6 @@ import dataclasses
 import enum
 import fcntl
 import logging
-import logging.handlers
 import math
 import os
 import selectors
@@ -46,8 +46,9 @@ import time
 from pathlib import Path
 from typing import IO, Callable, List, Optional, Tuple
 
-from gpt4all_api import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_WATCHDOG_PID,
-                         ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, HERE, Settings, configure_logging, load_settings)
+from apiserver.protocol import (BACKOFF_START, ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL,
+                                ENV_WATCHDOG_PID, ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, Backoff)
+from apiserver.settings import Settings, configure_logging, load_settings, rotating_log_handler
 
 log = logging.getLogger("watchdog")
 # The workers' output, written as is (the workers format their own lines) to logs/server.log.
@@ -55,7 +56,7 @@ server_log = logging.getLogger("watchdog.server_log")
 
 WORKER_SCRIPT_ENV = "GPT4ALL_API_WORKER_SCRIPT"  # undocumented: tests run tests/fake_worker.py
 OUTPUT_LINES_KEPT = 30
-BACKOFF_START = 1.0
+HERE = Path(__file__).resolve().parent
 # Settings that belong to the socket or the lock: a SIGHUP cannot change them.
 RESTART_ONLY_SETTINGS = ("host", "port", "backlog", "state_dir")
 
@@ -111,7 +112,7 @@ class WorkerProcess:
         the read end of its control pipe. A background worker loads at idle priority. Our session,
         not one of its own: Linux's autogroup shares the CPU between sessions first, so in a session
         of its own an idle-priority load would still take half the machine from the active worker
-        (measured: 30 tokens took 3 - 7 s beside one, 1.1 - 1.6 s in the same session, 0.9 s alone)."""
+        (the README's "The watchdog" has the figures)."""
         control_read, control_write = os.pipe()  # both non-inheritable: no other child gets them
         env = dict(os.environ, **{ENV_WATCHDOG_PID: str(os.getpid())})
         if zygote_fd is None:
@@ -254,8 +255,8 @@ class Zygote:
         self.channel: Optional[socket.socket] = None
         self.ready = False
         self.starts = 0
-        self.started_at = self.next_start = 0.0
-        self.delay = BACKOFF_START
+        self.started_at = 0.0
+        self.backoff = Backoff(settings.backoff_max)
 
     @property
     def loading(self) -> bool:
@@ -274,7 +275,7 @@ class Zygote:
             self.channel = None
         finally:
             theirs.close()
-        self.ready, self.starts, self.started_at, self.next_start = False, self.starts + 1, now, now + self.delay
+        self.ready, self.starts, self.started_at = False, self.starts + 1, now
         if self.process:
             log.info("zygote (pid %d) loading the model", self.process.pid)
 
@@ -294,9 +295,12 @@ class Zygote:
         if self.process is not None and self.process.poll() is not None:
             log.warning("zygote (pid %d) %s; workers are started without it", self.process.pid,
                         describe_exit(self.process.poll(), False))
-            self.delay = BACKOFF_START if self.ready else min(self.delay * 2, self.settings.backoff_max)
+            if self.ready:
+                self.backoff.reset()  # it served its purpose: start the next one at once
+            else:
+                self.backoff.fail(now)
             self.stop()
-        if self.process is None and now >= self.next_start and may_start:
+        if self.process is None and not self.backoff.waiting(now) and may_start:
             self.start(now)
         if self.process is not None and not self.ready:
             self.channel.setblocking(False)
@@ -309,9 +313,8 @@ class Zygote:
             elif now - self.started_at > self.settings.start_timeout:
                 log.warning("zygote (pid %d) not ready after %g s: restarting it", self.process.pid,
                             self.settings.start_timeout)
-                self.delay = min(self.delay * 2, self.settings.backoff_max)
                 self.stop()
-                self.next_start = now + self.delay
+                self.backoff.fail(now)
 
     def spawn(self, sentinel: Path) -> Optional[WorkerProcess]:
         if not self.ready:
@@ -378,8 +381,7 @@ class Supervisor:
         self.workers: List[Worker] = []
         self.serial = 0
         self.stopping = False
-        self.next_backoff = BACKOFF_START  # the delay after the next crash
-        self.backoff_until = -math.inf  # BACKOFF: no new worker before this time
+        self.backoff = Backoff(settings.backoff_max)  # BACKOFF: no new worker before backoff.until
         self.healthy_since: Optional[float] = None  # an ACTIVE worker since then, no failure
 
     @property
@@ -453,12 +455,18 @@ class Supervisor:
         self.retire(worker, now, terminate=True)
         self.back_off(now)
 
+    @property
+    def backoff_until(self) -> float:
+        return self.backoff.until
+
+    @property
+    def next_backoff(self) -> float:
+        return self.backoff.next_delay
+
     def back_off(self, now: float, to_maximum: bool = False) -> None:
         """Delay the next worker: 1 s doubling to backoff_max; a worker that cannot load gets one
         quick retry (the file may have been in the middle of a copy), then backoff_max every time."""
-        delay = min(self.next_backoff, self.settings.backoff_max)
-        self.next_backoff = self.settings.backoff_max if to_maximum else min(delay * 2, self.settings.backoff_max)
-        self.backoff_until = now + delay
+        delay = self.backoff.fail(now, to_maximum)
         self.healthy_since = None
         log.warning("backoff: next worker in %g s", delay)
 
@@ -466,7 +474,7 @@ class Supervisor:
         healthy = self.healthy_since is not None and now - self.healthy_since >= self.settings.healthy_after
         if healthy and self.next_backoff > BACKOFF_START:
             log.info("healthy for %g s: crash backoff reset to %g s", self.settings.healthy_after, BACKOFF_START)
-            self.next_backoff = BACKOFF_START
+            self.backoff.reset()
 
     def retire(self, worker: Worker, now: float, terminate: bool) -> None:
         """RETIRING: with terminate, SIGTERM (it finishes its requests); either way a deadline."""
@@ -506,7 +514,7 @@ class Supervisor:
 
     def spawn_if_needed(self, now: float) -> None:
         """Start a worker when one is missing: one model load at a time, none while backing off."""
-        if self.stopping or now < self.backoff_until or self.find(State.STARTING):
+        if self.stopping or self.backoff.waiting(now) or self.find(State.STARTING):
             return
         current = [worker for worker in self.workers if worker.state is not State.RETIRING and not worker.outdated]
         if len(current) >= (2 if self.settings.warm_spare else 1):
@@ -529,6 +537,7 @@ class Supervisor:
     def reload(self, settings: Settings, now: float) -> None:
         """Roll onto new settings: the ACTIVE worker serves until a new one is READY."""
         self.settings = settings
+        self.backoff.maximum = settings.backoff_max
         for worker in self.workers:
             if worker.state is State.ACTIVE:
                 worker.outdated = "config reloaded"
@@ -585,11 +594,7 @@ def configure_server_log(settings: Settings) -> None:
     for handler in list(server_log.handlers):
         server_log.removeHandler(handler)
         handler.close()
-    handler = logging.handlers.RotatingFileHandler(
-        settings.log_dir / "server.log", maxBytes=settings.log_max_bytes,
-        backupCount=settings.log_backup_count, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    server_log.addHandler(handler)
+    server_log.addHandler(rotating_log_handler(settings, "server.log", logging.Formatter("%(message)s")))
     server_log.setLevel(logging.INFO)
     server_log.propagate = False
 

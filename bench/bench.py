@@ -37,7 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-import gpt4all_api  # noqa: E402
+from apiserver.cpu_share import process_cpu_ticks  # noqa: E402
+from apiserver.model import TEMPLATES, ensure_model_file  # noqa: E402
+from apiserver.settings import Settings, load_settings  # noqa: E402
 from conftest import Process, request, write_config  # noqa: E402
 
 PERSONA = "You are a helpful assistant."
@@ -47,7 +49,7 @@ MAX_TOKENS = 48
 
 
 def chatml(prompt: str) -> str:
-    return gpt4all_api.TEMPLATES["chatml"].render([{"role": "system", "content": PERSONA},
+    return TEMPLATES["chatml"].render([{"role": "system", "content": PERSONA},
                                                    {"role": "user", "content": prompt}])
 
 
@@ -60,7 +62,7 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-def raw_load_seconds(settings: gpt4all_api.Settings, repeats: int = 3) -> float:
+def raw_load_seconds(settings: Settings, repeats: int = 3) -> float:
     """Fresh python: import gpt4all and load the model (what a server start must at least pay)."""
     code = ("import time; t = time.monotonic(); from gpt4all import GPT4All; "
             f"m = GPT4All({settings.model_id!r}, model_path={str(settings.model_path)!r}, allow_download=False, "
@@ -76,7 +78,7 @@ def raw_load_seconds(settings: gpt4all_api.Settings, repeats: int = 3) -> float:
 class RawModel:
     """The baseline: gpt4all in this process, same template, same sampling, same n_batch."""
 
-    def __init__(self, settings: gpt4all_api.Settings):
+    def __init__(self, settings: Settings):
         from gpt4all import GPT4All
         self.settings = settings
         self.model = GPT4All(settings.model_id, model_path=str(settings.model_path), allow_download=False,
@@ -119,8 +121,8 @@ def post_generate(base_url: str, prompt: str):
 
 def bench_server(workdir: Path, rounds: int) -> dict:
     config = write_config(workdir / "server")
-    settings = gpt4all_api.load_settings(config)
-    gpt4all_api.ensure_model_file(settings)
+    settings = load_settings(config)
+    ensure_model_file(settings)
     load = raw_load_seconds(settings)
     started = time.monotonic()
     server = Process("gpt4all_api.py", config)
@@ -183,7 +185,7 @@ def run_watchdog_mode(workdir: Path, name: str, overrides: dict, requests: int) 
 def idle_cpu_fraction(pid: int, seconds: float) -> float:
     """CPU time the process used while idle, as a fraction of one core."""
     def cpu_seconds() -> float:
-        return gpt4all_api.process_cpu_ticks(pid) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_ticks(pid) / os.sysconf("SC_CLK_TCK")
     before = cpu_seconds()
     time.sleep(seconds)
     return (cpu_seconds() - before) / seconds
@@ -233,7 +235,7 @@ def stream_chat(base_url: str, prompt: str):
 
 def bench_stream(workdir: Path, rounds: int) -> dict:
     config = write_config(workdir / "stream")
-    settings = gpt4all_api.load_settings(config)
+    settings = load_settings(config)
     server = Process("gpt4all_api.py", config)
     try:
         server.wait_ready()

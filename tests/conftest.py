@@ -160,3 +160,10 @@ def start(tmp_path):
     yield start_process
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Any:
+    """Settings from a fresh config.ini (the unit tier's fixture)."""
+    from apiserver.settings import load_settings
+    return load_settings(write_config(tmp_path))

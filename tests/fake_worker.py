@@ -30,8 +30,9 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gpt4all_api import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD,  # noqa: E402
-                         EXIT_ORPHANED, LOG_FORMAT, serve_fork_requests)
+from apiserver.protocol import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL,  # noqa: E402
+                                ENV_ZYGOTE_FD, Sentinel, read_control_pipe, serve_fork_requests)
+from apiserver.settings import LOG_FORMAT  # noqa: E402
 
 log = logging.getLogger("fake_worker")
 HEARTBEAT_EVERY = 0.2
@@ -45,6 +46,9 @@ class FakeWorker:
         self.activated = False
         self.hung = False  # a request asked to hang: no more heartbeats
         self.retiring = False  # set by SIGTERM or by the last request: stop accepting
+
+    def activate(self) -> None:
+        self.activated = True
 
     def count_request(self) -> int:
         with self.lock:
@@ -78,21 +82,9 @@ class Handler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
 
-def watch_control_pipe(fd: int, worker: FakeWorker) -> None:
-    while True:
-        data = os.read(fd, 1)
-        if not data:
-            os._exit(EXIT_ORPHANED)  # the watchdog is gone: leave at once
-        if data == b"A":
-            worker.activated = True
-
-
-def keep_heartbeat(sentinel: Path, worker: FakeWorker) -> None:
+def keep_heartbeat(sentinel: Sentinel, worker: FakeWorker) -> None:
     while not worker.hung:
-        try:
-            os.utime(sentinel)
-        except FileNotFoundError:
-            return
+        sentinel.touch()
         time.sleep(HEARTBEAT_EVERY)
 
 
@@ -138,10 +130,11 @@ def run_worker() -> int:
     worker = FakeWorker(config.getint("watchdog", "restart_after_requests", fallback=1))
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGTERM, lambda signum, frame: setattr(worker, "retiring", True))
-    threading.Thread(target=watch_control_pipe, args=(int(os.environ[ENV_CONTROL_FD]), worker), daemon=True).start()
+    threading.Thread(target=read_control_pipe, args=(int(os.environ[ENV_CONTROL_FD]), worker.activate),
+                     daemon=True).start()
     listener = socket.socket(fileno=int(os.environ[ENV_LISTEN_FD]))
     listener.setblocking(False)
-    sentinel = Path(os.environ[ENV_SENTINEL])
+    sentinel = Sentinel(Path(os.environ[ENV_SENTINEL]), every=0)
 
     log.info("loading%s", " in the background" if os.environ.get(ENV_BACKGROUND) == "1" else " at full speed")
     time.sleep(float(os.environ.get("FAKE_WORKER_LOAD_SECONDS", "0.2")))
@@ -149,7 +142,7 @@ def run_worker() -> int:
     if exit_code:
         log.error("cannot load the model: FAKE_WORKER_EXIT_AT_START=%s", exit_code)
         return int(exit_code)
-    sentinel.touch()
+    sentinel.create()
     threading.Thread(target=keep_heartbeat, args=(sentinel, worker), daemon=True).start()
     log.info("ready, waiting for activation")
     while not (worker.activated or worker.retiring):
@@ -157,7 +150,7 @@ def run_worker() -> int:
     if not worker.retiring:
         log.info("active")
         serve(listener, worker)
-    sentinel.unlink(missing_ok=True)
+    sentinel.remove()
     log.info("retired after %d requests, exiting", worker.requests_served)
     return 0
 

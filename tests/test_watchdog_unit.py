@@ -9,7 +9,8 @@ from typing import List, Optional
 
 import pytest
 
-from gpt4all_api import EXIT_CANNOT_LOAD, Settings
+from apiserver.protocol import EXIT_CANNOT_LOAD
+from apiserver.settings import Settings
 from watchdog import State, Supervisor, describe_exit
 
 
