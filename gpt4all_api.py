@@ -35,9 +35,9 @@ from apiserver.http_server import Server, serve_until_stopped
 from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model, warm_up
 from apiserver.protocol import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD,
                                 EXIT_CANNOT_LOAD, EXIT_OK, HEARTBEAT_EVERY, Sentinel, read_control_pipe,
-                                serve_fork_requests)
+                                serve_fork_requests, set_process_name)
 from apiserver.routes import build_app
-from apiserver.settings import Settings, configure_logging, load_settings
+from apiserver.settings import Settings, add_address_arguments, configure_logging, load_settings
 
 log = logging.getLogger("gpt4all_api")
 
@@ -77,12 +77,13 @@ class ModelLoader(threading.Thread):
             started = time.monotonic()
             if self.preloaded:
                 model, template, cpu_share = self.preloaded
+                how = "forked from the zygote, which loaded"
             else:
                 model = load_model(settings)
                 template, cpu_share = choose_template(settings, settings.model_file), watch_cpu_share(settings)
+                how = f"loaded in {time.monotonic() - started:.2f}s:"
             self.runner = ModelRunner(model, settings, template, self.heartbeat.touch, cpu_share)
-            log.info("model %s loaded in %.2fs (template %s, n_ctx %d)", settings.model_id,
-                     time.monotonic() - started, template.name, settings.n_ctx)
+            log.info("%s model %s (template %s, n_ctx %d)", how, settings.model_id, template.name, settings.n_ctx)
         except CannotLoad as error:
             self.error = str(error)
         except Exception as error:
@@ -182,6 +183,7 @@ class WorkerLife:
 
     def run(self) -> int:
         """Load, serve until stopped or the restart is due, drain; return the exit code."""
+        set_process_name("gpt4all-spare" if self.worker else "gpt4all-server")
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         if hasattr(signal, "SIGUSR1"):
@@ -200,6 +202,7 @@ class WorkerLife:
             self.idle_tick()
         if self.activated.is_set() and not self.stop_accepting:
             if self.worker:
+                set_process_name("gpt4all-worker")
                 log.info("activated: accepting connections")
             serve_until_stopped(server, self.idle_tick)
         if self.loader.error is not None:
@@ -212,7 +215,8 @@ class WorkerLife:
             self.idle_tick()
             time.sleep(0.01)
         self.sentinel.remove()
-        log.info("stopping after %d generation requests", self.app.generations_admitted)
+        count = self.app.generations_admitted
+        log.info("stopping after %d generation request%s", count, "" if count == 1 else "s")
         return EXIT_OK
 
 
@@ -225,6 +229,7 @@ def run_zygote(settings: Settings) -> int:
     stream of requests would starve it, and it loads once, when the first worker is active.
     """
     channel = socket.socket(fileno=int(os.environ.pop(ENV_ZYGOTE_FD)))
+    set_process_name("gpt4all-zygote")
     try:
         model = load_model(settings)
     except CannotLoad as error:
@@ -242,10 +247,11 @@ def run_zygote(settings: Settings) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Serve a GGUF model over HTTP through gpt4all.")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    add_address_arguments(parser)
     parser.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)  # started by watchdog.py
     arguments = parser.parse_args(argv)
     try:
-        settings = load_settings(arguments.config)
+        settings = load_settings(arguments.config, host=arguments.host, port=arguments.port)
     except ValueError as error:
         print(f"gpt4all_api: {error}", file=sys.stderr)
         return EXIT_CANNOT_LOAD

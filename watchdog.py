@@ -18,12 +18,16 @@ Worker states, driven by Supervisor.tick(now):
         |                            |                     |  sentinel removed, SIGTERM (hang, memory,
         +----------------------------+---------------------+  reload, stop) --> RETIRING --exit--> gone
 
-An exit from any other state is a crash: the watchdog backs off (1 s doubling to backoff_max; at
-once backoff_max for EXIT_CANNOT_LOAD) before it starts the next worker. SIGTERM or SIGINT: graceful
-stop, exit status 0. SIGHUP: re-read the config, roll the workers. Exit status 1: another watchdog
-holds the lock; 2: bad config or cannot listen. It imports only apiserver.settings and
-apiserver.protocol: never gpt4all, never the HTTP server (tests/test_layout.py checks). Read top to bottom:
-the worker's process, the state machine, the process-wide pieces, main().
+An exit from any other state is a crash. A worker that had become ready is replaced at once; one
+that could not start (died before it was ready, EXIT_CANNOT_LOAD, or a crash loop: crash_loop_limit
+deaths within crash_loop_window without an answer) makes the watchdog back off (1 s doubling to
+backoff_max; backoff_max at once after one quick retry for EXIT_CANNOT_LOAD), and while no worker
+is active, ready or starting it answers the clients itself: 503 with the reason
+(apiserver/unavailable.py). SIGTERM or SIGINT: graceful stop, exit status 0. SIGHUP: re-read the
+config, roll the workers. Exit status 1: another watchdog holds the lock; 2: bad config or cannot
+listen. It imports only apiserver.settings, apiserver.protocol and apiserver.unavailable: never
+gpt4all, never the HTTP server (tests/test_layout.py checks). Read top to bottom: the worker's
+process, the state machine, the process-wide pieces, main().
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import fcntl
 import logging
 import math
 import os
+import re
 import selectors
 import signal
 import socket
@@ -47,8 +52,10 @@ from pathlib import Path
 from typing import IO, Callable, List, Optional, Tuple
 
 from apiserver.protocol import (BACKOFF_START, ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL,
-                                ENV_WATCHDOG_PID, ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, Backoff)
-from apiserver.settings import Settings, configure_logging, load_settings, rotating_log_handler
+                                ENV_WATCHDOG_PID, ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, Backoff, set_process_name)
+from apiserver.settings import (Settings, add_address_arguments, configure_logging, load_settings,
+                                rotating_log_handler)
+from apiserver.unavailable import UnavailableResponder
 
 log = logging.getLogger("watchdog")
 # The workers' output, written as is (the workers format their own lines) to logs/server.log.
@@ -67,8 +74,15 @@ RESTART_ONLY_SETTINGS = ("host", "port", "backlog", "state_dir")
 
 
 def worker_command(settings: Settings) -> List[str]:
+    """The worker's command line: our config, and our address (which may come from our command line)."""
     script = os.environ.get(WORKER_SCRIPT_ENV) or str(HERE / "gpt4all_api.py")
-    return [sys.executable, "-u", script, "--config", str(settings.config_file)]
+    return [sys.executable, "-u", script, "--config", str(settings.config_file), "--host", settings.host,
+            "--port", str(settings.port)]
+
+
+def state_file(settings: Settings, name: str) -> Path:
+    """A file in state_dir named for our port, so that watchdogs on other ports share the folder."""
+    return settings.state_dir / name.format(port=settings.port)
 
 
 def describe_exit(returncode: int, killed_by_us: bool) -> str:
@@ -82,6 +96,14 @@ def describe_exit(returncode: int, killed_by_us: bool) -> str:
     if -returncode == signal.SIGKILL and not killed_by_us:
         return f"killed by {name}: out of memory?"
     return f"killed by {name}"
+
+
+LOG_PREFIX = re.compile(r"^\S+ \S+ [A-Z]+ \[\d+\] [\w.]+: ")  # settings.LOG_FORMAT up to the message
+
+
+def log_message_of(line: str) -> str:
+    """A worker's log line without its time, level, pid and logger: the reason alone."""
+    return LOG_PREFIX.sub("", line)
 
 
 class WorkerProcess:
@@ -99,7 +121,7 @@ class WorkerProcess:
         self.selector = selector
         self.output: Optional[IO[bytes]] = popen.stdout
         os.set_blocking(popen.stdout.fileno(), False)
-        selector.register(popen.stdout, selectors.EVENT_READ, self)
+        selector.register(popen.stdout, selectors.EVENT_READ, self.read_output)
         self.partial_line = b""
         self.recent_lines: collections.deque = collections.deque(maxlen=OUTPUT_LINES_KEPT)
         self.echo_to_log = False
@@ -267,7 +289,7 @@ class Zygote:
         self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.process = WorkerProcess.spawn(worker_command(self.settings), self.listener.fileno(),
-                                               self.settings.state_dir / "zygote.sentinel", self.selector,
+                                               state_file(self.settings, "zygote-{port}.sentinel"), self.selector,
                                                zygote_fd=theirs.fileno())
         except OSError as error:
             log.warning("cannot start the zygote: %s", error)
@@ -382,6 +404,8 @@ class Supervisor:
         self.serial = 0
         self.stopping = False
         self.backoff = Backoff(settings.backoff_max)  # BACKOFF: no new worker before backoff.until
+        self.failure = ""  # why the last backoff began, in words (for the 503 answers meanwhile)
+        self.crash_times: List[float] = []  # crashes of started workers since the last answer
         self.healthy_since: Optional[float] = None  # an ACTIVE worker since then, no failure
 
     @property
@@ -419,6 +443,7 @@ class Supervisor:
                 self.handle_hang(worker, now, f"not ready after {settings.start_timeout:g} s")
         elif mtime is None:
             log.info("%s removed its sentinel: planned restart", worker)
+            self.answered()
             self.retire(worker, now, terminate=False)
         elif mtime != worker.heartbeat_mtime:
             worker.heartbeat_mtime, worker.heartbeat_at = mtime, now
@@ -439,21 +464,48 @@ class Supervisor:
             log.info("%s %s after retiring", worker, how)
         elif returncode == 0 and worker.state is not State.STARTING and sentinel_removed:
             log.info("%s removed its sentinel and exited: planned restart", worker)
+            self.answered()
         elif returncode == EXIT_CANNOT_LOAD:
             lines = worker.process.last_lines()
+            reason = log_message_of(lines[-1]) if lines else f"{worker} cannot load (no output)"
             log.critical("%s cannot load: %s", worker, lines[-1] if lines else "(no output)")
-            self.back_off(now, to_maximum=True)
+            self.back_off(now, reason, to_maximum=True)
         else:
             lines = "".join(f"\n    {line}" for line in worker.process.last_lines())
             log.error("%s crashed while %s: %s; its last output:%s", worker, worker.state.value, how,
                       lines or " (none)")
-            self.back_off(now)
+            if worker.state is State.STARTING:
+                self.back_off(now, f"a worker {how} before it was ready")
+            else:
+                self.crashed_after_start(now, f"{worker} {how}")
+
+    def answered(self) -> None:
+        """A worker answered (a planned restart): crashes before it were no crash loop."""
+        self.crash_times.clear()
+
+    def crashed_after_start(self, now: float, what: str) -> None:
+        """A worker that became ready died (killed from outside, a crash in a request): replace it
+        at once, unless crash_loop_limit such crashes came within crash_loop_window without one
+        answer in between (a request that crashes the model every time): then back off."""
+        window, limit = self.settings.crash_loop_window, self.settings.crash_loop_limit
+        self.crash_times = [time for time in self.crash_times if now - time < window] + [now]
+        if len(self.crash_times) >= limit:
+            log.warning("crash loop: %d workers died within %g s without one answer", len(self.crash_times), window)
+            self.back_off(now, f"{len(self.crash_times)} workers died within {window:g} s without answering "
+                               f"(last: {what})")
+        else:
+            log.info("%s after it was ready: replaced at once (%d of the %d such deaths within %g s that make "
+                     "a crash loop)", what, len(self.crash_times), limit, window)
 
     def handle_hang(self, worker: Worker, now: float, symptom: str) -> None:
         log.error("%s hangs (%s): dumping its stacks, then stopping it", worker, symptom)
         worker.process.dump_stacks()
+        starting = worker.state is State.STARTING
         self.retire(worker, now, terminate=True)
-        self.back_off(now)
+        if starting:
+            self.back_off(now, f"a worker was {symptom}")
+        else:
+            self.crashed_after_start(now, f"{worker} hung ({symptom})")
 
     @property
     def backoff_until(self) -> float:
@@ -463,10 +515,11 @@ class Supervisor:
     def next_backoff(self) -> float:
         return self.backoff.next_delay
 
-    def back_off(self, now: float, to_maximum: bool = False) -> None:
+    def back_off(self, now: float, reason: str, to_maximum: bool = False) -> None:
         """Delay the next worker: 1 s doubling to backoff_max; a worker that cannot load gets one
         quick retry (the file may have been in the middle of a copy), then backoff_max every time."""
         delay = self.backoff.fail(now, to_maximum)
+        self.failure = reason
         self.healthy_since = None
         log.warning("backoff: next worker in %g s", delay)
 
@@ -521,11 +574,11 @@ class Supervisor:
             return
         serial = self.serial + 1
         try:
-            process = self.spawn_process(self.settings.state_dir / f"worker-{serial}.sentinel")
+            process = self.spawn_process(state_file(self.settings, f"worker-{{port}}-{serial}.sentinel"))
         except OSError as error:
             log.error("cannot start worker %d: %s", serial, error)
             self.serial = serial
-            self.back_off(now)
+            self.back_off(now, f"cannot start a worker: {error}")
             return
         if process is None:
             return  # not now: the spawner is about to have a quicker way (the zygote)
@@ -533,6 +586,14 @@ class Supervisor:
         worker = Worker(self.serial, process, State.STARTING, started_at=now)
         self.workers.append(worker)
         log.info("%s started", worker)
+
+    def unavailable(self, now: float) -> Optional[Tuple[str, float]]:
+        """(why, seconds until the next try) while no worker will accept soon: none is active,
+        ready or starting, and a backoff runs. None while clients had better wait in the queue."""
+        if self.stopping or not self.backoff.waiting(now) or any(
+                worker.state is not State.RETIRING for worker in self.workers):
+            return None
+        return self.failure, self.backoff.until - now
 
     def reload(self, settings: Settings, now: float) -> None:
         """Roll onto new settings: the ACTIVE worker serves until a new one is READY."""
@@ -599,8 +660,10 @@ def configure_server_log(settings: Settings) -> None:
     server_log.propagate = False
 
 
-def remove_stale_sentinels(state_dir: Path) -> None:
-    for sentinel in state_dir.glob("*.sentinel"):
+def remove_stale_sentinels(settings: Settings) -> None:
+    """Sentinels of a previous watchdog on our port (other ports' belong to running watchdogs)."""
+    state_dir, port = settings.state_dir, settings.port
+    for sentinel in [*state_dir.glob(f"worker-{port}-*.sentinel"), *state_dir.glob(f"zygote-{port}.sentinel")]:
         log.info("removing %s, left by a previous run", sentinel)
         sentinel.unlink(missing_ok=True)
 
@@ -608,11 +671,13 @@ def remove_stale_sentinels(state_dir: Path) -> None:
 class Watchdog:
     """The main loop: read the workers' output, act on queued signals, tick the Supervisor."""
 
-    def __init__(self, settings: Settings, listener: socket.socket) -> None:
+    def __init__(self, settings: Settings, listener: socket.socket, overrides: Optional[dict] = None) -> None:
         self.listener = listener
+        self.overrides = overrides or {}  # from the command line: they outlive a SIGHUP
         self.selector = selectors.DefaultSelector()
         self.received_signals: List[int] = []
         self.supervisor = Supervisor(settings, self.spawn_worker)
+        self.responder = UnavailableResponder(self.selector)
         self.zygote = self.make_zygote(settings)
         self.next_stray_check = 0.0
 
@@ -664,8 +729,11 @@ class Watchdog:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self.queue_signal)
         while not self.supervisor.finished:
+            # While nothing can serve soon, the watchdog answers the waiting clients itself; it stops
+            # before any worker is activated (both happen in this thread, tick() after this).
+            self.responder.update(self.listener, self.supervisor.unavailable(time.monotonic()))
             for key, _ in self.selector.select(self.supervisor.settings.poll_interval):
-                key.data.read_output()
+                key.data()
             while self.received_signals:
                 self.handle_signal(self.received_signals.pop(0), time.monotonic())
             # The zygote starts once a worker serves and none loads: at first start that worker
@@ -696,7 +764,7 @@ class Watchdog:
             return
         old = self.supervisor.settings
         try:
-            new = load_settings(old.config_file)
+            new = load_settings(old.config_file, **self.overrides)
         except ValueError as error:
             log.error("SIGHUP: keeping the old settings: %s", error)
             return
@@ -718,13 +786,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run gpt4all_api.py workers on one held socket, "
                                                  "restarting them as config.ini's [watchdog] says.")
     parser.add_argument("--config", type=Path, default=HERE / "config.ini", help="default: %(default)s")
+    add_address_arguments(parser)
     args = parser.parse_args(argv)
+    overrides = {"host": args.host, "port": args.port}
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config, **overrides)
     except ValueError as error:
         print(f"watchdog: {error}", file=sys.stderr)
         return 2
-    lock_file = settings.state_dir / "watchdog.lock"
+    set_process_name("gpt4all-watcher")
+    lock_file = state_file(settings, "watchdog-{port}.lock")
     try:
         lock = acquire_lock(lock_file)
     except LockHeld as error:
@@ -739,14 +810,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             log.critical("cannot listen on %s:%d: %s", settings.host, settings.port, error)
             return 2
         with listener:
-            remove_stale_sentinels(settings.state_dir)
+            remove_stale_sentinels(settings)
             log.info("watchdog started: pid %d, config %s, listening on %s:%d, restart_after_requests = %d, "
                      "warm_spare = %s, heartbeat_timeout = %g s, stop_timeout = %g s, backoff_max = %g s, "
                      "max_rss_mb = %d, worker: %s", os.getpid(), settings.config_file,
                      *listener.getsockname()[:2], settings.restart_after_requests, settings.warm_spare,
                      settings.heartbeat_timeout, settings.stop_timeout, settings.backoff_max,
                      settings.max_rss_mb, " ".join(worker_command(settings)))
-            Watchdog(settings, listener).run()
+            Watchdog(settings, listener, overrides).run()
         log.info("watchdog stopped")
         return 0
     except Exception:

@@ -8,10 +8,12 @@ only the standard library: it is a leaf, and watchdog.py may import it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -33,7 +35,19 @@ ENV_BACKGROUND = "GPT4ALL_API_BACKGROUND"  # "1": another worker is serving, loa
 ENV_WATCHDOG_PID = "GPT4ALL_API_WATCHDOG_PID"  # whose family's CPU time is not "other programs"
 
 HEARTBEAT_EVERY = 0.5  # seconds between two touches of the sentinel
+PR_SET_NAME = 15  # prctl option: the calling thread's name, what ps, top and pstree show
 BACKOFF_START = 1.0  # seconds: the first delay after a failure
+
+
+def set_process_name(name: str) -> None:
+    """Name this process (its main thread) for ps, top and pstree: every forked worker would
+    otherwise show the zygote's command line. Linux keeps 15 characters; elsewhere nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Sentinel:

@@ -7,6 +7,7 @@ only the standard library: it is a leaf, and watchdog.py may import it.
 
 from __future__ import annotations
 
+import argparse
 import configparser
 import dataclasses
 import logging
@@ -69,6 +70,8 @@ class Settings:
     start_timeout: float = 300.0
     backoff_max: float = 60.0
     healthy_after: float = 60.0
+    crash_loop_limit: int = 3
+    crash_loop_window: float = 60.0
     max_rss_mb: int = 0
     state_dir: Path = Path("run")
 
@@ -173,13 +176,16 @@ CONFIG_KEYS = [
     ("watchdog", "start_timeout", "start_timeout", greater_than(float, 0)),
     ("watchdog", "backoff_max", "backoff_max", at_least(float, 1)),
     ("watchdog", "healthy_after", "healthy_after", at_least(float)),
+    ("watchdog", "crash_loop_limit", "crash_loop_limit", at_least(int, 1)),
+    ("watchdog", "crash_loop_window", "crash_loop_window", greater_than(float, 0)),
     ("watchdog", "max_rss_mb", "max_rss_mb", at_least(int)),
     ("watchdog", "state_dir", "state_dir", None),
 ]
 
 
-def load_settings(config_file: Path) -> Settings:
-    """Read config.ini; a bad or unknown key raises ValueError naming the file, section and key."""
+def load_settings(config_file: Path, **overrides: Any) -> Settings:
+    """Read config.ini; a bad or unknown key raises ValueError naming the file, section and key.
+    overrides (from the command line) replace the file's values; None leaves a value alone."""
     config_file = Path(config_file).expanduser().resolve()
     parser = configparser.ConfigParser(interpolation=None)
     try:
@@ -203,7 +209,16 @@ def load_settings(config_file: Path) -> Settings:
                 raise ValueError(f"{config_file}: [{section}] {key} = {text!r}: {error}") from None
     for attribute in ("model_path", "log_dir", "state_dir"):
         values.setdefault(attribute, (config_file.parent / getattr(Settings, attribute)).resolve())
+    values.update({name: value for name, value in overrides.items() if value is not None})
     return Settings(config_file=config_file, **values)
+
+
+def add_address_arguments(parser: argparse.ArgumentParser) -> None:
+    """--host and --port, which override [server] host and port (a second instance, a busy port)."""
+    parser.add_argument("--host", help="listen on this address instead of [server] host")
+    parser.add_argument("--port", type=at_least(int), help="listen on this port instead of [server] port")
+
+
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ GET /health counts and is answered with {"pid": ..., "requests_served": n} after
 ?hang=1 stops the heartbeat and never answers, like a stuck native generation.
 
 Knobs (environment): FAKE_WORKER_LOAD_SECONDS (default 0.2); FAKE_WORKER_EXIT_AT_START=CODE exits
-with CODE instead of becoming ready (3 = cannot load, with a one-line reason).
+with CODE instead of becoming ready (3 = cannot load, with a one-line reason);
+FAKE_WORKER_EXIT_AFTER_READY=CODE becomes ready, then exits with CODE a moment later (a worker that
+crashes as soon as it has started, before any answer).
 """
 
 from __future__ import annotations
@@ -143,6 +145,11 @@ def run_worker() -> int:
         log.error("cannot load the model: FAKE_WORKER_EXIT_AT_START=%s", exit_code)
         return int(exit_code)
     sentinel.create()
+    exit_code = os.environ.get("FAKE_WORKER_EXIT_AFTER_READY")
+    if exit_code:
+        time.sleep(0.1)
+        log.error("crashing right after becoming ready: FAKE_WORKER_EXIT_AFTER_READY=%s", exit_code)
+        return int(exit_code)
     threading.Thread(target=keep_heartbeat, args=(sentinel, worker), daemon=True).start()
     log.info("ready, waiting for activation")
     while not (worker.activated or worker.retiring):

@@ -87,3 +87,11 @@ def test_relative_paths_resolve_against_the_config_folder_not_the_working_direct
     assert settings.log_dir == folder / "logs"
     assert settings.state_dir == folder / "run"  # not written: the default, also from the config's folder
     assert settings.model_file == tmp_path / "weights" / "m.gguf"
+
+
+def test_host_and_port_from_the_command_line_override_the_file(tmp_path):
+    config = write_config(tmp_path)
+    from_file = load_settings(config)
+    overridden = load_settings(config, host="0.0.0.0", port=5123)
+    assert (overridden.host, overridden.port) == ("0.0.0.0", 5123)
+    assert load_settings(config, host=None, port=None) == from_file, "None leaves the file's value"

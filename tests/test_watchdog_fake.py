@@ -206,6 +206,66 @@ def test_a_worker_that_cannot_load_is_retried_at_the_maximum_backoff(start: Call
     assert (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") < 0.6, "CPU seconds used"
 
 
+def test_a_worker_that_crashes_once_ready_backs_off_with_growing_delays(start: Callable[..., Process]) -> None:
+    watchdog = start_watchdog(start, {"FAKE_WORKER_EXIT_AFTER_READY": "70"}, backoff_max=2, crash_loop_limit=3)
+    wait_until(lambda: "backoff: next worker in 2 s" in read_log(watchdog, "watchdog.log"), 20, watchdog,
+               "the crash loop's backoff to grow")
+    log = read_log(watchdog, "watchdog.log")
+    assert "replaced at once (1 of the 3" in log and "replaced at once (2 of the 3" in log
+    assert "crash loop: 3 workers died within 60 s without one answer" in log
+    assert log.index("backoff: next worker in 1 s") < log.index("backoff: next worker in 2 s"), "growing delays"
+    assert watchdog.popen.poll() is None, "the watchdog stays up"
+
+
+def test_while_no_worker_can_load_every_client_gets_a_503_with_the_reason_at_once(
+        start: Callable[..., Process]) -> None:
+    watchdog = start_watchdog(start, {"FAKE_WORKER_EXIT_AT_START": "3"}, backoff_max=30)
+    wait_until(lambda: "next worker in 30 s" in read_log(watchdog, "watchdog.log"), 10, watchdog, "the long backoff")
+    started = time.monotonic()
+    status, headers, body = request(watchdog.base_url, "GET", "/health", timeout=5)
+    assert time.monotonic() - started < 1
+    health = json.loads(body)
+    assert status == 503 and health["status"] == "unavailable", (status, body)
+    assert health["reason"] == "cannot load the model: FAKE_WORKER_EXIT_AT_START=3", health
+    assert 1 <= health["retry_in_s"] <= 30 and headers["retry-after"] == str(health["retry_in_s"])
+    started = time.monotonic()
+    status, headers, body = request(watchdog.base_url, "POST", "/v1/chat/completions", {"messages": []}, timeout=5)
+    assert time.monotonic() - started < 1
+    error = json.loads(body)["error"]
+    assert status == 503 and error["code"] == "model_unavailable" and error["type"] == "service_unavailable"
+    assert error["message"].startswith("cannot load the model: FAKE_WORKER_EXIT_AT_START=3; next try in ")
+    assert "retry-after" in headers
+    status, headers, body = request(watchdog.base_url, "HEAD", "/", timeout=5)
+    assert status == 503 and body == b""
+    with socket.create_connection(("127.0.0.1", watchdog.port), timeout=5) as silent:
+        started = time.monotonic()
+        assert silent.recv(100).startswith(b"HTTP/1.1 503 "), "a silent client is answered after 2 s"
+        assert 1.5 < time.monotonic() - started < 4
+    assert "answering clients 503" in read_log(watchdog, "watchdog.log")
+
+
+def test_two_watchdogs_on_two_ports_share_a_folder_and_a_third_on_a_used_port_is_refused(
+        start: Callable[..., Process]) -> None:
+    first = start_watchdog(start)
+    second_port = free_port()
+    second = Process("watchdog.py", first.config, env=CRON_ENV, cwd="/",
+                     command=[sys.executable, str(REPO / "watchdog.py"), "--config", str(first.config),
+                              "--port", str(second_port)])
+    try:
+        second.port, second.base_url = second_port, f"http://127.0.0.1:{second_port}"
+        first_pid, second_pid = get(first)["pid"], get(second)["pid"]
+        assert first_pid != second_pid
+        state_dir = first.config.parent / "run"
+        assert (state_dir / f"watchdog-{first.port}.lock").exists() and (state_dir / f"watchdog-{second_port}.lock").exists()
+        third = subprocess.run([sys.executable, str(REPO / "watchdog.py"), "--config", str(first.config), "--port",
+                                str(second_port)], capture_output=True, text=True, timeout=30, env=CRON_ENV)
+        assert third.returncode == 1 and f"another watchdog (pid {second.popen.pid})" in third.stderr
+        names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in (first.popen.pid, second.popen.pid)}
+        assert names == {"gpt4all-watcher"}
+    finally:
+        second.stop()
+
+
 SYSTEMD_LAUNCHER = """
 import os, socket, sys
 listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))

@@ -144,14 +144,16 @@ def test_sigkill_of_the_active_worker_mid_generation(start):
 
 
 def test_sigkill_of_the_only_worker_mid_generation(start):
-    """No spare ready (here: none at all): the replacement loads at full speed after the 1 s crash
-    backoff, not at a spare's idle priority, and serves the requests that waited."""
+    """No spare ready (here: none at all): the replacement starts at once (the killed worker had
+    started: no backoff) and loads at full speed, not at a spare's idle priority, and serves the
+    requests that waited."""
     watchdog = start("watchdog.py", {"watchdog": {"warm_spare": "false", "zygote": "false"}})
     watchdog.wait_ready()
     first_served = kill_the_active_worker_mid_generation(watchdog)
     assert first_served < 15, f"the first waiting request was served {first_served:.1f} s after the crash"
     logs = (watchdog.config.parent / "logs" / "watchdog.log").read_text()
-    assert "next worker in 1 s" in logs and "worker 2 " in logs.split("crashed while active")[1], logs
+    assert "replaced at once" in logs and "next worker in" not in logs, logs
+    assert "worker 2 " in logs.split("crashed while active")[1], logs
 
 
 def _try(function, *args):

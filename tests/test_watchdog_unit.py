@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 from pathlib import Path
@@ -10,7 +11,9 @@ from typing import List, Optional
 import pytest
 
 from apiserver.protocol import EXIT_CANNOT_LOAD
+from apiserver.api import ApiError, error_reply
 from apiserver.settings import Settings
+from apiserver.unavailable import unavailable_reply
 from watchdog import State, Supervisor, describe_exit
 
 
@@ -74,7 +77,7 @@ class Harness:
     def spawn(self, sentinel: Path) -> Optional[FakeProcess]:
         if self.not_now:
             return None
-        assert sentinel.name == f"worker-{len(self.processes) + 1}.sentinel"
+        assert sentinel.name == f"worker-5000-{len(self.processes) + 1}.sentinel"
         process = FakeProcess(100 + len(self.processes))
         self.processes.append(process)
         return process
@@ -198,19 +201,100 @@ def test_a_retired_worker_that_lingers_gets_sigterm_then_sigkill() -> None:
     assert harness.supervisor.backoff_until < harness.now, "a planned restart is no failure"
 
 
-def test_crash_of_the_active_worker_promotes_the_spare_and_backs_off(caplog: pytest.LogCaptureFixture) -> None:
+def test_crash_of_the_active_worker_promotes_the_spare_and_replaces_it_at_once(
+        caplog: pytest.LogCaptureFixture) -> None:
     harness = Harness()
     active = harness.serving()
     spare = harness.processes[1]
-    active.returncode = -signal.SIGSEGV
+    active.returncode = -signal.SIGKILL  # the out-of-memory killer, or an operator
     with caplog.at_level(logging.INFO, logger="watchdog"):
         harness.tick()
     assert spare.activated
-    assert "killed by SIGSEGV" in caplog.text and "fake worker 100 says goodbye" in caplog.text
-    assert "backoff: next worker in 1 s" in caplog.text
-    assert len(harness.processes) == 2, "no new spare during the backoff"
+    assert "killed by SIGKILL: out of memory?" in caplog.text and "fake worker 100 says goodbye" in caplog.text
+    assert "replaced at once" in caplog.text and "backoff" not in caplog.text
+    assert len(harness.processes) == 3, "a new spare at once"
+    assert harness.supervisor.unavailable(harness.now) is None
+
+
+def crash_active(harness: Harness) -> float:
+    """SIGKILL the active worker; return how long until the next worker starts."""
+    active = next(w.process for w in harness.supervisor.workers if w.state is State.ACTIVE)
+    active.returncode = -signal.SIGKILL
+    count = len(harness.processes)
+    harness.tick()
+    crashed_at = harness.now
+    while len(harness.processes) == count:
+        harness.tick(0.25)
+    delay = round(harness.now - crashed_at)
+    for process in harness.processes:
+        if process.returncode is None and process.mtime is None:
+            process.become_ready()
+    harness.tick()
+    return delay
+
+
+def test_crash_loop_without_an_answer_backs_off_with_growing_delays(caplog: pytest.LogCaptureFixture) -> None:
+    harness = Harness(crash_loop_limit=3, crash_loop_window=60.0, backoff_max=16.0)
+    harness.serving()
+    with caplog.at_level(logging.INFO, logger="watchdog"):
+        delays = [crash_active(harness) for _ in range(6)]
+    assert delays == [0, 0, 1, 2, 4, 8], "two crashes replaced at once, then the backoff of a crash loop"
+    assert "crash loop: 3 workers died within 60 s without one answer" in caplog.text
+
+
+def test_an_answer_between_crashes_ends_the_run() -> None:
+    harness = Harness(crash_loop_limit=3)
+    harness.serving()
+    delays = []
+    for _ in range(5):
+        delays.append(crash_active(harness))
+        delays.append(crash_active(harness))
+        active = next(w.process for w in harness.supervisor.workers if w.state is State.ACTIVE)
+        active.mtime = None  # it answered and retires: a planned restart
+        harness.tick()
+        for process in harness.processes:
+            if process.returncode is None and process.mtime is None and process is not active:
+                process.become_ready()
+        harness.tick()
+    assert delays == [0] * 10
+
+
+def test_crashes_spread_beyond_the_window_are_no_loop() -> None:
+    harness = Harness(crash_loop_limit=2, crash_loop_window=10.0)
+    harness.serving()
+    assert crash_active(harness) == 0
+    harness.tick(10.0)
+    assert crash_active(harness) == 0
+    assert crash_active(harness) == 1, "two within 10 s"
+
+
+def test_nothing_is_unavailable_while_a_worker_starts_or_serves() -> None:
+    harness = Harness()
+    harness.tick()
+    assert harness.supervisor.unavailable(harness.now) is None, "the first load: clients wait for it"
+    harness.serving()
+    assert harness.supervisor.unavailable(harness.now) is None
+
+
+def test_unavailable_while_the_model_cannot_load_says_why_and_when() -> None:
+    harness = Harness(warm_spare=False, backoff_max=16.0)
+    harness.tick()
+    harness.processes[0].lines = ["2026-12-02 10:00:00,123 CRITICAL [42] gpt4all_api: model file /m/x.gguf not found"]
+    harness.processes[0].returncode = EXIT_CANNOT_LOAD
+    harness.tick()
+    reason, retry_in = harness.supervisor.unavailable(harness.now)
+    assert reason == "model file /m/x.gguf not found" and retry_in == pytest.approx(1.0)
     harness.tick(1.0)
-    assert len(harness.processes) == 3
+    assert harness.supervisor.unavailable(harness.now) is None, "a worker is starting: wait for it"
+    harness.processes[1].lines = harness.processes[0].lines
+    harness.processes[1].returncode = EXIT_CANNOT_LOAD
+    harness.tick()
+    reason, retry_in = harness.supervisor.unavailable(harness.now)
+    assert retry_in == pytest.approx(16.0)
+    harness.tick(16.0)
+    harness.processes[2].become_ready()
+    harness.tick()
+    assert harness.supervisor.unavailable(harness.now) is None
 
 
 def test_crash_backoff_doubles_up_to_the_maximum_and_resets_after_healthy_after() -> None:
@@ -274,8 +358,7 @@ def test_a_hung_active_worker_is_dumped_terminated_killed_and_replaced(caplog: p
     active.returncode = -signal.SIGKILL
     harness.tick()
     assert harness.state_of(active) is None and "out of memory" not in caplog.text
-    harness.tick(1.0)
-    assert len(harness.processes) == 3, "a new spare after the backoff"
+    assert len(harness.processes) == 3, "a new spare at once: the hung worker had started"
 
 
 def test_a_worker_that_never_becomes_ready_is_hung() -> None:
@@ -363,3 +446,13 @@ def test_stop_terminates_every_worker_and_starts_none() -> None:
 ])
 def test_describe_exit(returncode: int, killed_by_us: bool, words: str) -> None:
     assert describe_exit(returncode, killed_by_us) == words
+
+
+def test_the_watchdogs_503_has_the_shape_of_every_other_error() -> None:
+    head, body = unavailable_reply("POST", "/v1/chat/completions", "model file x not found", 3.2).split(b"\r\n\r\n", 1)
+    expected = error_reply(ApiError(503, "model file x not found; next try in 4 s", "model_unavailable"))
+    assert json.loads(body) == json.loads(expected.body)
+    assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 4\r\n" in head
+    head, body = unavailable_reply("GET", "/health", "model file x not found", 0.2).split(b"\r\n\r\n", 1)
+    assert json.loads(body) == {"status": "unavailable", "reason": "model file x not found", "retry_in_s": 1}
+    assert unavailable_reply("HEAD", "/", "x", 1).endswith(b"\r\n\r\n")
