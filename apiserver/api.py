@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from apiserver.engine import (ClientGone, Completion, EngineError, GenerationParams, ModelRunner, PromptNotUnicode,
-                              PromptTooLong, QueueFull)
+from apiserver.engine import (ClientGone, Closer, Completion, EngineError, GenerationParams, ModelRunner,
+                              PromptNotUnicode, PromptTooLong, QueueFull)
 from apiserver.settings import Settings
 
 log = logging.getLogger("gpt4all_api")
 
 ERROR_TYPES = {401: "authentication_error", 408: "timeout_error", 500: "server_error", 503: "service_unavailable"}
+OPEN_PATHS = ("/health", "/")  # answered without the API key: health, and the "is it running" probe
 STREAM_GROUP_SECONDS = 0.05  # streamed tokens are sent at most this often, the first one at once
 
 
@@ -176,11 +177,13 @@ class App:
         return self.runner
 
     def complete(self, request: Request, prompt: str, params: GenerationParams,
-                 on_text: Optional[Callable[[str], None]] = None, logged_prompt: Optional[str] = None) -> Completion:
+                 on_text: Optional[Callable[[str], None]] = None, logged_prompt: Optional[str] = None,
+                 closer: Optional[Closer] = None) -> Completion:
         """One generation for this request: admitted (it counts towards the restart), run, logged."""
         try:
             completion = self.require_runner().complete(prompt, params, request.client_alive, on_text=on_text,
-                                                        on_admitted=lambda: self.admit_generation(request))
+                                                        on_admitted=lambda: self.admit_generation(request),
+                                                        closer=closer)
         except EngineError as error:
             raise engine_error(error) from None
         if self.settings.log_prompts:
@@ -193,9 +196,12 @@ class App:
         return template.render(messages), dataclasses.replace(params, stop=params.stop + (template.end,))
 
     def check_model_name(self, name: Any) -> None:
-        """A request naming another model gets a 404, never a silent fallback."""
+        """A name [model] model_names does not accept gets a 404, never a silent fallback (with the
+        default "*", any name is answered by the loaded model, whose real id every reply carries)."""
         model_id = self.settings.model_id
-        if name not in {model_id, Path(model_id).stem, self.settings.model}:
+        if "*" in self.settings.model_names and isinstance(name, str):
+            return
+        if name not in {model_id, Path(model_id).stem, self.settings.model, *self.settings.model_names}:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_id!r}",
                            "model_not_found", "model")
 
@@ -235,7 +241,7 @@ def route_request(app: App, route: Optional[Route], request: Request) -> Reply:
     if handler is None:
         raise ApiError(405, f"{request.method} is not allowed on {request.path}; use {allow}",
                        "method_not_allowed", headers={"Allow": allow})
-    if app.settings.api_key and request.path != "/health":
+    if app.settings.api_key and request.path not in OPEN_PATHS:
         check_api_key(app.settings, request)
     return handler(app, request)
 

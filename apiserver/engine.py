@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Tuple
 
 from apiserver.cpu_share import CpuShare
 from apiserver.model import ChatTemplate
@@ -79,10 +79,19 @@ class Completion:
                 "generation_ms": round(self.generation_seconds * 1000, 1), "tokens_per_second": round(speed, 1)}
 
 
-class StopScanner:
-    """Cuts generated text at the first stop string; holds back a tail that may begin one."""
+class Closer(Protocol):
+    """Finds where an answer is complete (json_output.JsonCloser): fed the generated text a piece at
+    a time, returns the index in it just past the end, or None while the answer goes on."""
 
-    def __init__(self, stops: Iterable[str]):
+    def feed(self, piece: str) -> Optional[int]: ...
+
+
+class StopScanner:
+    """Cuts generated text at the first stop string (or where closer says the answer is complete);
+    holds back a tail that may begin a stop string."""
+
+    def __init__(self, stops: Iterable[str], closer: Optional[Closer] = None):
+        self.closer = closer
         self.stops = tuple(stop for stop in stops if stop)
         self.longest = max((len(stop) for stop in self.stops), default=0)
         self.text = ""
@@ -92,8 +101,11 @@ class StopScanner:
     def feed(self, piece: str) -> str:
         """Add a piece; return the newly releasable text."""
         start = max(0, len(self.text) - self.longest + 1)
+        closed_at = self.closer.feed(piece) if self.closer is not None else None
         self.text += piece
         hits = [index for index in (self.text.find(stop, start) for stop in self.stops) if index >= 0]
+        if closed_at is not None:
+            hits.append(closed_at)
         if hits:
             self.text = self.text[:min(hits)]
             self.stopped = True
@@ -118,11 +130,11 @@ class Generation:
     """One generation's progress, as gpt4all's callbacks see it; its answers say whether to go on."""
 
     def __init__(self, runner: "ModelRunner", params: GenerationParams, client_alive: Callable[[], bool],
-                 on_text: Optional[Callable[[str], None]]):
+                 on_text: Optional[Callable[[str], None]], closer: Optional[Closer] = None):
         self.runner, self.params, self.client_alive, self.on_text = runner, params, client_alive, on_text
         self.started = time.monotonic()
         self.deadline = self.started + runner.settings.max_seconds
-        self.scanner = StopScanner(params.stop)
+        self.scanner = StopScanner(params.stop, closer)
         self.prompt_tokens = 0
         self.tokens = 0
         self.first_token_at: Optional[float] = None
@@ -223,10 +235,11 @@ class ModelRunner:
         return max(0, self.admitted - 1)
 
     def complete(self, prompt: str, params: GenerationParams, client_alive: Callable[[], bool],
-                 on_text: Optional[Callable[[str], None]] = None, on_admitted: Callable[[], None] = lambda: None
-                 ) -> Completion:
+                 on_text: Optional[Callable[[str], None]] = None, on_admitted: Callable[[], None] = lambda: None,
+                 closer: Optional[Closer] = None) -> Completion:
         """Queue, then run one generation; on_text receives the answer as it grows (stop strings
-        already cut). on_admitted runs once the request holds a place in the queue."""
+        already cut). on_admitted runs once the request holds a place in the queue; closer, when
+        given, ends the answer where it says the answer is complete."""
         queued = time.monotonic()
         try:
             prompt.encode("utf-8")
@@ -243,7 +256,7 @@ class ModelRunner:
                     raise ClientGone()
             try:
                 self.busy = True
-                return self._run(prompt, Generation(self, params, client_alive, on_text), queued)
+                return self._run(prompt, Generation(self, params, client_alive, on_text, closer), queued)
             finally:
                 self.busy = False
                 self._generation.release()

@@ -109,9 +109,10 @@ GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 
 GGUF_STRING, GGUF_ARRAY = 8, 9
 
 
-def read_gguf_metadata(path: Path, wanted: Iterable[str]) -> Dict[str, Any]:
-    """Read the wanted keys from a GGUF header (stdlib only; big arrays are skipped, not parsed)."""
-    wanted = set(wanted)
+def read_gguf_metadata(path: Path, wanted: Optional[Iterable[str]]) -> Dict[str, Any]:
+    """Read the wanted keys (None: every key) from a GGUF header (stdlib only; arrays are skipped,
+    not parsed, and read as None)."""
+    wanted = None if wanted is None else set(wanted)
     found: Dict[str, Any] = {}
     with open(path, "rb") as raw:
         handle = io.BufferedReader(raw, 1 << 20)
@@ -149,9 +150,9 @@ def read_gguf_metadata(path: Path, wanted: Iterable[str]) -> Dict[str, Any]:
         for _ in range(unpack(count_format)):
             key = handle.read(unpack(count_format)).decode("utf-8", "replace")
             value = read_value(unpack("I"))
-            if key in wanted:
+            if wanted is None or key in wanted:
                 found[key] = value
-                if len(found) == len(wanted):
+                if wanted is not None and len(found) == len(wanted):
                     break
     return found
 

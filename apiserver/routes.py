@@ -6,13 +6,13 @@ Imports settings, api and the wire protocol modules.
 
 from __future__ import annotations
 
-from apiserver import openai_api, seed_api
+from apiserver import ollama_api, openai_api, seed_api
 from apiserver.api import App
 from apiserver.settings import Settings
 
-WIRE_PROTOCOLS = (seed_api, openai_api)  # later modules win a path both declare
+WIRE_PROTOCOLS = (seed_api, openai_api, ollama_api)  # later modules win a path both declare
 
 
 def build_app(settings: Settings) -> App:
     routes = [route for protocol in WIRE_PROTOCOLS for route in protocol.routes(settings)]
-    return App(settings, routes, not_found_hint=f"try POST {settings.route}, GET /health or /v1/...")
+    return App(settings, routes, not_found_hint=f"try POST {settings.route}, GET /health, /v1/... or /api/...")

@@ -41,6 +41,7 @@ class Settings:
     n_batch: int = 128
     chat_template: str = "auto"
     system_prompt: str = "You are a helpful assistant."
+    model_names: Tuple[str, ...] = ("*",)
     # [generation]
     max_tokens: int = 256
     temperature: float = 0.7
@@ -151,6 +152,7 @@ CONFIG_KEYS = [
     ("model", "n_batch", "n_batch", at_least(int, 1)),
     ("model", "chat_template", "chat_template", one_of("auto", "chatml", "llama3", "gemma", "phi3", "plain")),
     ("model", "system_prompt", "system_prompt", str),
+    ("model", "model_names", "model_names", comma_list),
     ("generation", "max_tokens", "max_tokens", at_least(int, 1)),
     ("generation", "temperature", "temperature", at_least(float)),
     ("generation", "top_k", "top_k", at_least(int, 1)),

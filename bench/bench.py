@@ -1,6 +1,6 @@
 """Benchmarks: the server and the watchdog against raw gpt4all, measured in the same run.
 
-    python bench/bench.py [server|watchdog|stream|all] [--rounds N]
+    python bench/bench.py [server|watchdog|stream|ollama|tools|busy|all] [--rounds N]
 
 server    raw in-process generate() vs POST /gpt4all_api on the same prompts (temperature 0, same
           token counts): median latency ratio; /health p99 during a generation; start-to-ready vs
@@ -11,6 +11,9 @@ watchdog  back-to-back requests through watchdog.py: restart after every request
           connection errors; the watchdog's idle CPU.
 stream    time to first token and tokens/s of a streamed /v1/chat/completions vs raw generate()
           with a callback.
+ollama    the same as stream, through Ollama's streamed /api/chat (NDJSON).
+tools     tool-call answers through the server vs the same prompt through raw gpt4all, and the share of
+          20 weather prompts that come back as valid tool_calls.
 busy      the server beside one busy program (another session, one core): n_threads = 0, which
           leaves that core alone, vs n_threads = every core; both against the idle machine
           (at most 2 passes: the fixed count can take tens of seconds per request).
@@ -32,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -40,6 +44,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from apiserver.cpu_share import process_cpu_ticks  # noqa: E402
 from apiserver.model import TEMPLATES, ensure_model_file  # noqa: E402
 from apiserver.settings import Settings, load_settings  # noqa: E402
+from apiserver.tool_formats import FORMATS  # noqa: E402
 from conftest import Process, request, write_config  # noqa: E402
 
 PERSONA = "You are a helpful assistant."
@@ -84,8 +89,8 @@ class RawModel:
         self.model = GPT4All(settings.model_id, model_path=str(settings.model_path), allow_download=False,
                              device="cpu", n_threads=os.cpu_count(), n_ctx=settings.n_ctx)
 
-    def generate(self, prompt: str):
-        """(seconds, text, tokens, seconds to first token)."""
+    def generate(self, prompt: str, rendered: Optional[str] = None):
+        """(seconds, text, tokens, seconds to first token); rendered: the whole prompt, written already."""
         pieces, first = [], []
         started = time.monotonic()
 
@@ -99,7 +104,7 @@ class RawModel:
         # generate() without a chat session, but with the template's markers parsed as special tokens,
         # as the server sends them (GPT4All.generate() itself would spell them out as text)
         self.model.model.prompt_model(
-            chatml(prompt), "%1", callback, n_predict=MAX_TOKENS, temp=0.0, top_k=s.top_k, top_p=s.top_p,
+            rendered or chatml(prompt), "%1", callback, n_predict=MAX_TOKENS, temp=0.0, top_k=s.top_k, top_p=s.top_p,
             min_p=s.min_p, repeat_penalty=s.repeat_penalty, repeat_last_n=s.repeat_last_n, n_batch=s.n_batch,
             reset_context=True, special=True)
         text = "".join(pieces)
@@ -233,7 +238,34 @@ def stream_chat(base_url: str, prompt: str):
     return first, (tokens - 1) / (total - first) if total > first else float("nan"), text
 
 
-def bench_stream(workdir: Path, rounds: int) -> dict:
+def ollama_chat(base_url: str, prompt: str):
+    """(seconds to first content token, content tokens/s after it, text) from a streamed /api/chat."""
+    host, port = base_url.split("//")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    body = json.dumps({"model": "any", "messages": [{"role": "system", "content": PERSONA},
+                                                    {"role": "user", "content": prompt}],
+                       "options": {"temperature": 0, "num_predict": MAX_TOKENS}})
+    started = time.monotonic()
+    connection.request("POST", "/api/chat", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    first, text, tokens = None, "", 0
+    for line in response:
+        event = json.loads(line)
+        if event["done"]:
+            tokens = event["eval_count"]
+        elif event["message"]["content"]:
+            first = first or time.monotonic() - started
+            text += event["message"]["content"]
+    total = time.monotonic() - started
+    connection.close()
+    return first, (tokens - 1) / (total - first) if total > first else float("nan"), text
+
+
+def bench_ollama(workdir: Path, rounds: int) -> dict:
+    return bench_stream(workdir, rounds, streamer=ollama_chat)
+
+
+def bench_stream(workdir: Path, rounds: int, streamer=stream_chat) -> dict:
     config = write_config(workdir / "stream")
     settings = load_settings(config)
     server = Process("gpt4all_api.py", config)
@@ -243,13 +275,13 @@ def bench_stream(workdir: Path, rounds: int) -> dict:
         raw_first, raw_speed, server_first, server_speed = [], [], [], []
         for prompt in PROMPTS:
             raw.generate(prompt)
-            stream_chat(server.base_url, prompt)
+            streamer(server.base_url, prompt)
         for _ in range(rounds):
             for prompt in PROMPTS:
                 seconds, _, tokens, first = raw.generate(prompt)
                 raw_first.append(first)
                 raw_speed.append((tokens - 1) / (seconds - first))
-                first, speed, _ = stream_chat(server.base_url, prompt)
+                first, speed, _ = streamer(server.base_url, prompt)
                 server_first.append(first)
                 server_speed.append(speed)
     finally:
@@ -280,6 +312,51 @@ def median_beside(workdir: Path, name: str, overrides, rounds: int, busy: bool) 
     return median(times)
 
 
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL_PROMPTS = [
+    "What's the weather in Paris?", "Is it raining in Tokyo right now?", "How warm is it in Madrid today?",
+    "Should I take an umbrella in London?", "weather berlin", "Tell me the current weather for New York.",
+    "Is it sunny in Rome?", "What is the temperature in Cairo?", "Do I need a coat in Oslo today?",
+    "Check the weather in Sydney please.", "How's the weather looking in Toronto?", "Is it snowing in Moscow?",
+    "Current conditions in Mumbai?", "What's it like outside in Lisbon?", "Weather report for Nairobi.",
+    "Is it windy in Chicago?", "Can you look up the weather in Seoul?", "Will I be cold in Reykjavik?",
+    "How hot is Dubai right now?", "What's the forecast in Buenos Aires?"]
+
+
+def bench_tools(workdir: Path, rounds: int) -> dict:
+    """Tool-call answers: the server vs the same prompt through raw gpt4all, and how many come back
+    as valid tool_calls."""
+    config = write_config(workdir / "tools")
+    settings = load_settings(config)
+    server = Process("gpt4all_api.py", config)
+    try:
+        server.wait_ready()
+        raw = RawModel(settings)
+        rendered = {prompt: TEMPLATES["chatml"].render(FORMATS["hermes"].render(
+            [{"role": "user", "content": prompt}], [WEATHER_TOOL])) for prompt in TOOL_PROMPTS}
+        raw_times, server_times, valid = [], [], 0
+        for round_number in range(max(1, min(rounds, 2))):
+            for prompt in TOOL_PROMPTS:
+                raw_times.append(raw.generate(prompt, rendered[prompt])[0])
+                started = time.monotonic()
+                status, _, body = request(server.base_url, "POST", "/v1/chat/completions", {
+                    "messages": [{"role": "user", "content": prompt}], "tools": [WEATHER_TOOL], "temperature": 0,
+                    "max_tokens": MAX_TOKENS})
+                server_times.append(time.monotonic() - started)
+                message = json.loads(body)["choices"][0]["message"] if status == 200 else {}
+                calls = message.get("tool_calls") or []
+                if round_number == 0 and len(calls) == 1 and calls[0]["function"]["name"] == "get_weather" and \
+                        json.loads(calls[0]["function"]["arguments"]).get("city"):
+                    valid += 1
+    finally:
+        server.stop()
+    return {"raw_median_s": median(raw_times), "server_median_s": median(server_times),
+            "latency_ratio": median(server_times) / median(raw_times),
+            "valid_tool_calls": f"{valid} of {len(TOOL_PROMPTS)}"}
+
+
 def bench_busy(workdir: Path, rounds: int) -> dict:
     rounds = min(rounds, 2)
     every_core = {"model": {"n_threads": len(os.sched_getaffinity(0))}}
@@ -292,10 +369,11 @@ def bench_busy(workdir: Path, rounds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "stream", "busy", "all"])
+    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "stream", "ollama", "busy", "tools", "all"])
     parser.add_argument("--rounds", type=int, default=5, help="passes over the prompts (default %(default)s)")
     arguments = parser.parse_args()
-    benches = {"server": bench_server, "watchdog": bench_watchdog, "stream": bench_stream, "busy": bench_busy}
+    benches = {"server": bench_server, "watchdog": bench_watchdog, "stream": bench_stream, "busy": bench_busy,
+               "tools": bench_tools, "ollama": bench_ollama}
     chosen = list(benches) if arguments.which == "all" else [arguments.which]
     results = {"cpu_count": os.cpu_count(), "max_tokens": MAX_TOKENS, "rounds": arguments.rounds}
     with tempfile.TemporaryDirectory() as workdir:

@@ -92,10 +92,27 @@ BAD_INPUT = [
     ("api key on /v1/models", dict(method="GET", path="/v1/models"), {"api_key": "s3cret"}, 401, "invalid_api_key",
      None, {"WWW-Authenticate": "Bearer"}),
     ("openai unknown model", dict(path="/v1/chat/completions",
-                                  body={"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}), {},
-     404, "model_not_found", "model", {}),
-    ("openai n=2", dict(path="/v1/chat/completions", body={"n": 2, "messages": [{"role": "user", "content": "hi"}]}),
+                                  body={"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}),
+     {"model_names": ("my-model",)}, 404, "model_not_found", "model", {}),
+    ("openai n=5", dict(path="/v1/chat/completions", body={"n": 5, "messages": [{"role": "user", "content": "hi"}]}),
      {}, 400, "unsupported_value", "n", {}),
+    ("openai logprobs", dict(path="/v1/chat/completions",
+                             body={"logprobs": True, "messages": [{"role": "user", "content": "hi"}]}),
+     {}, 400, "unsupported_value", "logprobs", {}),
+    ("openai unknown response_format", dict(path="/v1/chat/completions", body={
+        "response_format": {"type": "xml"}, "messages": [{"role": "user", "content": "hi"}]}),
+     {}, 400, "invalid_value", "response_format.type", {}),
+    ("openai tool_choice not offered", dict(path="/v1/chat/completions", body={
+        "tools": [{"type": "function", "function": {"name": "a"}}],
+        "tool_choice": {"type": "function", "function": {"name": "b"}}, "messages": [{"role": "user", "content": "hi"}]}),
+     {}, 400, "invalid_value", "tool_choice", {}),
+    ("openai tool message without id", dict(path="/v1/chat/completions", body={
+        "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "18 C"}]}),
+     {}, 400, "missing_field", "messages[1]", {}),
+    ("openai bad tool call arguments", dict(path="/v1/chat/completions", body={"messages": [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                               "function": {"name": "a", "arguments": "{oops"}}]}]}),
+     {}, 400, "invalid_value", "messages[0].tool_calls[0]", {}),
     ("openai messages missing", dict(path="/v1/chat/completions", body={"model": "qwen2.5-coder-0.5b-instruct-q4_k_m"}),
      {}, 400, "invalid_value", "messages", {}),
     ("openai messages not a list", dict(path="/v1/chat/completions", body={"messages": "hi"}), {}, 400,
@@ -115,13 +132,14 @@ BAD_INPUT = [
     ("openai stream maybe", dict(path="/v1/chat/completions",
                                  body={"stream": "maybe", "messages": [{"role": "user", "content": "hi"}]}), {},
      400, "invalid_type", "stream", {}),
-    ("openai tools", dict(path="/v1/chat/completions", body={"tools": [{"type": "function"}],
-                                                            "messages": [{"role": "user", "content": "hi"}]}), {},
-     400, "unsupported_value", None, {}),
+    ("openai tool without a function", dict(path="/v1/chat/completions", body={
+        "tools": [{"type": "function"}], "messages": [{"role": "user", "content": "hi"}]}), {},
+     400, "invalid_value", "tools[0]", {}),
     ("completions prompt missing", dict(path="/v1/completions", body={}), {}, 400, "invalid_value", "prompt", {}),
     ("completions two prompts", dict(path="/v1/completions", body={"prompt": ["a", "b"]}), {}, 400, "invalid_value",
      "prompt", {}),
-    ("unknown model by path", dict(method="GET", path="/v1/models/gpt-4"), {}, 404, "model_not_found", "model", {}),
+    ("unknown model by path", dict(method="GET", path="/v1/models/gpt-4"), {"model_names": ("my-model",)}, 404,
+     "model_not_found", "model", {}),
 ]
 
 

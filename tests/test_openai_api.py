@@ -137,5 +137,108 @@ def test_model_retrieve_by_id_and_unknown_id(settings):
     model_id = settings.model_id
     found = dispatch(app, make_request("GET", f"/v1/models/{model_id}"))
     assert found.status == 200 and json_body(found)["id"] == model_id
-    missing = dispatch(app, make_request("GET", "/v1/models/gpt-4o"))
+    answered = dispatch(app, make_request("GET", "/v1/models/gpt-4o"))
+    assert answered.status == 200 and json_body(answered)["id"] == model_id, "model_names = * answers any name"
+    strict = make_app(settings, FakeModel(), model_names=("my-model",))
+    assert dispatch(strict, make_request("GET", "/v1/models/my-model")).status == 200
+    missing = dispatch(strict, make_request("GET", "/v1/models/gpt-4o"))
     assert missing.status == 404 and json_body(missing)["error"]["code"] == "model_not_found"
+
+
+# --------------------------------------------------------------------------------------------
+# Tool calls, JSON mode, n
+# --------------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+CALL_PIECES = ['{"name": "get_', 'weather", "arguments": ', '{"city": "Paris"}}']
+
+
+def chat_request(**body):
+    return make_request(path="/v1/chat/completions", body={"messages": [{"role": "user", "content": "Weather?"}],
+                                                           **body})
+
+
+def test_a_tool_call_answer_has_openai_shape(settings):
+    app = make_app(settings, FakeModel(pieces=CALL_PIECES))
+    choice = json_body(dispatch(app, chat_request(tools=[WEATHER])))["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert message["content"] is None and len(message["tool_calls"]) == 1
+    call = message["tool_calls"][0]
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}, "arguments: a JSON string"
+
+
+def test_a_streamed_tool_call_is_held_back_and_sent_as_one_delta(settings):
+    app = make_app(settings, FakeModel(pieces=["Sure. "] + CALL_PIECES))
+    events = sse_events(dispatch(app, chat_request(tools=[WEATHER], stream=True)))
+    deltas = [event["choices"][0]["delta"] for event in events[:-1]]
+    assert "".join(delta.get("content") or "" for delta in deltas) == "Sure. ", "the call's text never leaks"
+    calls = [delta["tool_calls"] for delta in deltas if "tool_calls" in delta]
+    assert len(calls) == 1 and calls[0][0]["index"] == 0 and calls[0][0]["function"]["name"] == "get_weather"
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls" and events[-1] == "[DONE]"
+
+
+def test_a_call_of_a_function_not_offered_is_plain_text(settings):
+    app = make_app(settings, FakeModel(pieces=['{"name": "launch", "arguments": {}}']))
+    choice = json_body(dispatch(app, chat_request(tools=[WEATHER])))["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] == '{"name": "launch", "arguments": {}}'
+    events = sse_events(dispatch(app, chat_request(tools=[WEATHER], stream=True)))
+    text = "".join(event["choices"][0]["delta"].get("content") or "" for event in events[:-1])
+    assert text == '{"name": "launch", "arguments": {}}'
+
+
+def test_a_named_tool_choice_prefills_the_call(settings):
+    model = FakeModel(pieces=['{"city": "Rome"}}'])
+    app = make_app(settings, model)
+    choice = json_body(dispatch(app, chat_request(tools=[WEATHER], tool_choice={
+        "type": "function", "function": {"name": "get_weather"}})))["choices"][0]
+    assert model.calls[0]["prompt"].endswith('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": ')
+    assert choice["message"]["tool_calls"][0]["function"]["arguments"] == '{"city": "Rome"}'
+
+
+def test_a_repeated_answered_call_is_answered_from_the_results_in_text(settings):
+    model = FakeModel(pieces=CALL_PIECES)
+    app = make_app(settings, model)
+    history = [{"role": "user", "content": "Weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+    choice = json_body(dispatch(app, make_request(path="/v1/chat/completions", body={
+        "messages": history, "tools": [WEATHER]})))["choices"][0]
+    assert len(model.calls) == 2, "asked again, without tools"
+    assert 'The function get_weather({"city": "Paris"}) returned: 18 C' in model.calls[1]["prompt"]
+    assert "# Tools" not in model.calls[1]["prompt"]
+    assert choice["finish_reason"] == "stop" and not choice["message"].get("tool_calls")
+
+
+def test_json_mode_prefills_stops_at_the_closing_brace_and_refuses_broken_json(settings):
+    model = FakeModel(pieces=['"a": 1', "} trailing", " words"])
+    app = make_app(settings, model)
+    reply = dispatch(app, chat_request(response_format={"type": "json_object"}))
+    assert json_body(reply)["choices"][0]["message"]["content"] == '{"a": 1}'
+    assert model.calls[0]["prompt"].endswith("<|im_start|>assistant\n{")
+    assert "Answer with one JSON object" in model.calls[0]["prompt"]
+    broken = dispatch(make_app(settings, FakeModel(pieces=['"a": ', "oops}"])), chat_request(
+        response_format={"type": "json_object"}))
+    assert broken.status == 500 and json_body(broken)["error"]["code"] == "invalid_json_output"
+
+
+def test_n_choices_are_generated_one_after_another_and_usage_sums_them(settings):
+    model = FakeModel(pieces=["Hi"])
+    app = make_app(settings, model)
+    document = json_body(dispatch(app, chat_request(n=3)))
+    assert [choice["index"] for choice in document["choices"]] == [0, 1, 2] and len(model.calls) == 3
+    assert document["usage"]["completion_tokens"] == 3
+    assert document["system_fingerprint"].startswith("fp_")
+    events = sse_events(dispatch(app, chat_request(n=2, stream=True)))
+    assert {event["choices"][0]["index"] for event in events[:-1]} == {0, 1}
+
+
+def test_routes_without_the_v1_prefix(settings):
+    app = make_app(settings, FakeModel())
+    assert dispatch(app, make_request(path="/chat/completions", body={
+        "messages": [{"role": "user", "content": "x"}]})).status == 200
+    assert json_body(dispatch(app, make_request("GET", "/models")))["data"][0]["id"] == MODEL_ID

@@ -16,7 +16,8 @@ FRANCE = [{"role": "system", "content": "You are a geography teacher."},
 @pytest.fixture(scope="module")
 def watchdog(tmp_path_factory):
     from conftest import Process, write_config
-    config = write_config(tmp_path_factory.mktemp("openai"), {"server": {"api_key": API_KEY}})
+    config = write_config(tmp_path_factory.mktemp("openai"), {"server": {"api_key": API_KEY},
+                                                               "model": {"model_names": "qwen-local"}})
     process = Process("watchdog.py", config)
     try:
         deadline = time.monotonic() + 120
@@ -77,10 +78,12 @@ def test_text_completion(client):
     assert answer.usage.completion_tokens <= 16
 
 
-def test_wrong_model_is_not_found(client):
+def test_wrong_model_is_not_found_and_a_listed_name_is_answered_by_the_real_model(client):
     with pytest.raises(openai.NotFoundError) as raised:
         client.chat.completions.create(model="gpt-4o", messages=FRANCE)
     assert raised.value.body["code"] == "model_not_found"
+    answer = client.chat.completions.create(model="qwen-local", messages=FRANCE, temperature=0, max_tokens=12)
+    assert answer.model.endswith(".gguf") and "Paris" in answer.choices[0].message.content
 
 
 def test_missing_key_is_refused(watchdog):

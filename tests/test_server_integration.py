@@ -528,7 +528,9 @@ def test_openai_models_list_names_the_model(client, model_id):
     assert [model.id for model in client.models.list()] == [model_id]
 
 
-def test_openai_unknown_model_is_not_found(client):
+def test_openai_unknown_model_is_not_found_when_model_names_are_listed(start_module):
+    strict = start_module({"model": {"model_names": "my-model"}})
+    client = openai.OpenAI(base_url=strict.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
     with pytest.raises(openai.NotFoundError) as raised:
         client.chat.completions.create(model="no-such-model", messages=FRANCE_MESSAGES)
     assert raised.value.code == "model_not_found"

@@ -164,7 +164,7 @@ def _try(function, *args):
 
 
 def test_a_stopped_worker_is_replaced_after_the_heartbeat_timeout(start):
-    watchdog = start("watchdog.py", {"watchdog": {"heartbeat_timeout": 3, "stop_timeout": 2}})
+    watchdog = start("watchdog.py", {"watchdog": {"heartbeat_timeout": 6, "stop_timeout": 2}})  # 6 s: a busy machine
     watchdog.wait_ready()
     victim = active_pid(watchdog)
     os.kill(victim, signal.SIGSTOP)

@@ -1,0 +1,128 @@
+"""The chat core every wire protocol shares: a conversation (with tools, a tool choice, JSON mode)
+turned into a prompt, and the model's answer read back into text and tool calls.
+
+Owns ChatRequest, build_chat (the prompt in the model's own tool format, the prefill that enforces a
+tool choice or JSON mode), Answer (the answer checked: calls parsed, JSON validated) and answer_once
+(one generation, with the fallback for a model that repeats a call already answered). The wire
+protocols (openai_api, ollama_api) only read their fields into build_chat and frame its answers.
+Imports settings, engine, api, tool_formats and json_output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from apiserver.api import ApiError, App, Request
+from apiserver.engine import Completion, GenerationParams
+from apiserver.json_output import InvalidJsonOutput, JsonCloser, check_json_answer, prefill_for, schema_instruction
+from apiserver.tool_formats import (ToolCall, answered_calls, call_key, fold_tool_exchanges, parse_tool_calls,
+                                    tool_format_for)
+
+log = logging.getLogger("gpt4all_api")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    """What to generate and how to read the answer."""
+    prompt: str
+    params: GenerationParams
+    prefill: str = ""  # the answer's opening, written by us (a tool_choice, JSON mode)
+    tool_names: Tuple[str, ...] = ()  # the offered functions, when calls are to be read from the answer
+    parallel_tool_calls: bool = True
+    json_mode: bool = False
+    json_schema: Optional[Dict[str, Any]] = None
+    answered: frozenset = frozenset()  # calls already answered in this turn (tool_formats.call_key)
+    fallback_prompt: str = ""  # the conversation without tools, for a model that repeats such a call
+
+    def closer(self) -> Optional[JsonCloser]:
+        return JsonCloser() if self.json_mode else None
+
+    def without_tools(self) -> "ChatRequest":
+        """The request answered in text from the results (the fallback for a repeated call)."""
+        return dataclasses.replace(self, prompt=self.fallback_prompt, prefill="", tool_names=())
+
+
+def with_system_note(messages: List[Dict[str, str]], note: str, default_system: str) -> List[Dict[str, str]]:
+    """The messages with note added to the system message (one made from default_system if none)."""
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{note}"}] + messages[1:]
+    return [{"role": "system", "content": f"{default_system}\n\n{note}".strip()}] + messages
+
+
+def build_chat(app: App, messages: Sequence[Dict[str, Any]], params: GenerationParams,
+               tools: Sequence[Dict[str, Any]] = (), choice: str = "none", parallel_tool_calls: bool = True,
+               json_mode: bool = False, json_schema: Optional[Dict[str, Any]] = None) -> ChatRequest:
+    """The prompt for a conversation: tools in the model's own format (unless choice is "none"),
+    choice "required" or a function name enforced by the answer's opening, or JSON mode."""
+    if json_mode and choice != "none":
+        raise ApiError(400, "JSON output and tools together are not supported; leave the tools out",
+                       "unsupported_value", "response_format")
+    template = app.require_runner().template
+    tool_format = tool_format_for(template.name)
+    plain = tool_format.render(messages, tools if choice != "none" else [])
+    prefill = ""
+    if json_mode:
+        plain = with_system_note(plain, schema_instruction(json_schema), app.settings.system_prompt)
+        prefill = prefill_for(json_schema)
+    elif choice not in ("auto", "none"):
+        prefill = tool_format.prefill(None if choice == "required" else choice)
+    prompt, params = app.chat_prompt(plain, params)
+    fallback = ""
+    if choice == "auto":
+        folded = fold_tool_exchanges(messages)
+        if folded and folded[0]["role"] != "system":
+            folded.insert(0, {"role": "system", "content": tool_format.default_system or app.settings.system_prompt})
+        fallback = template.render(folded)
+    names = tuple(tool["function"]["name"] for tool in tools) if choice != "none" else ()
+    return ChatRequest(prompt + prefill, params, prefill=prefill, tool_names=names,
+                       parallel_tool_calls=parallel_tool_calls, json_mode=json_mode, json_schema=json_schema,
+                       answered=answered_calls(messages) if fallback else frozenset(), fallback_prompt=fallback)
+
+
+class Answer:
+    """One answer as a client sees it: text, the calls read out of it, why it ended."""
+
+    def __init__(self, chat: ChatRequest, completion: Completion):
+        self.chat, self.completion = chat, completion
+        self.text = chat.prefill + completion.text
+        self.finish = "length" if completion.finish_reason == "timeout" else completion.finish_reason
+        self.calls: List[ToolCall] = []
+        if chat.json_mode:
+            if completion.finish_reason != "stop":
+                raise ApiError(500, f"the JSON answer was cut ({completion.finish_reason}); raise the token limit",
+                               "invalid_json_output", "max_tokens")
+            try:
+                check_json_answer(self.text, chat.json_schema)
+            except InvalidJsonOutput as error:
+                raise ApiError(500, f"{error}; the model did not produce the JSON asked for, retry or rephrase",
+                               "invalid_json_output") from None
+        elif chat.tool_names:
+            content, calls = parse_tool_calls(self.text, chat.tool_names)
+            if calls:
+                self.text, self.calls = content, calls if chat.parallel_tool_calls else calls[:1]
+                self.finish = "tool_calls"
+
+    @property
+    def repeats_answered_calls(self) -> bool:
+        """Every call was already made and answered in this turn: a loop, not a request for data."""
+        return bool(self.calls) and all(call_key(call.name, call.arguments) in self.chat.answered
+                                        for call in self.calls)
+
+
+def answer_once(app: App, request: Request, chat: ChatRequest, on_text: Optional[Callable[[str], None]] = None,
+                on_retry: Callable[[], None] = lambda: None) -> Answer:
+    """One answer; a model that repeats a call already answered in this turn (small models do,
+    instead of reading the results) answers again from the results written as text, without tools."""
+    answer = Answer(chat, app.complete(request, chat.prompt, chat.params, on_text=on_text, closer=chat.closer()))
+    if answer.repeats_answered_calls:
+        log.info("the model repeated %s, already answered: answering from the results without tools",
+                 ", ".join(call.name for call in answer.calls))
+        plain = chat.without_tools()
+        first = answer.completion
+        on_retry()
+        answer = Answer(plain, app.complete(request, plain.prompt, plain.params, on_text=on_text))
+        answer.completion.prompt_tokens += first.prompt_tokens
+        answer.completion.completion_tokens += first.completion_tokens
+    return answer
