@@ -33,6 +33,7 @@ from apiserver.cpu_share import CpuShare, watch_cpu_share
 from apiserver.engine import ModelRunner
 from apiserver.http_server import Server, serve_until_stopped
 from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model, warm_up
+from apiserver.model_facts import gguf_header
 from apiserver.protocol import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD,
                                 EXIT_CANNOT_LOAD, EXIT_OK, HEARTBEAT_EVERY, Sentinel, read_control_pipe,
                                 serve_fork_requests, set_process_name)
@@ -237,6 +238,8 @@ def run_zygote(settings: Settings) -> int:
         return EXIT_CANNOT_LOAD
     warm_up(model, settings)
     template = choose_template(settings, settings.model_file)
+    stat = settings.model_file.stat()
+    gguf_header(str(settings.model_file), stat.st_size, stat.st_mtime_ns)  # read once; the workers inherit it
     # Keep reading the CPU load, so that a forked worker starts with the thread count it needs.
     cpu_share = watch_cpu_share(settings)
     log.info("zygote: model %s loaded, pid %d", settings.model_id, os.getpid())

@@ -673,6 +673,7 @@ class Watchdog:
 
     def __init__(self, settings: Settings, listener: socket.socket, overrides: Optional[dict] = None) -> None:
         self.listener = listener
+        listener.setblocking(False)  # the watchdog accepts on it while no worker can (unavailable.py)
         self.overrides = overrides or {}  # from the command line: they outlive a SIGHUP
         self.selector = selectors.DefaultSelector()
         self.received_signals: List[int] = []

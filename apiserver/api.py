@@ -199,7 +199,9 @@ class App:
         """A name [model] model_names does not accept gets a 404, never a silent fallback (with the
         default "*", any name is answered by the loaded model, whose real id every reply carries)."""
         model_id = self.settings.model_id
-        if "*" in self.settings.model_names and isinstance(name, str):
+        if not isinstance(name, str):
+            raise ApiError(400, f"'model' must be a string, got {json.dumps(name)}", "invalid_type", "model")
+        if "*" in self.settings.model_names:
             return
         if name not in {model_id, Path(model_id).stem, self.settings.model, *self.settings.model_names}:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_id!r}",

@@ -105,8 +105,10 @@ def read_text(fields: Dict[str, Any], name: str, required: bool = False, default
     return value
 
 
-def read_flag(fields: Dict[str, Any], name: str) -> bool:
-    value = fields.get(name, False)
+def read_flag(fields: Dict[str, Any], name: str, default: bool = False) -> bool:
+    value = fields.get(name)
+    if value is None:  # absent, or an explicit null
+        return default
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
     if not isinstance(value, bool):

@@ -65,6 +65,16 @@ def prefill_for(schema: Optional[Dict[str, Any]]) -> str:
     return PREFILL
 
 
+def check_schema(schema: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with the parts of a JSON schema this server uses (required, properties), if anything."""
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(key, str) for key in required):
+        return "'required' must be a list of strings"
+    if not isinstance(schema.get("properties", {}), dict):
+        return "'properties' must be an object"
+    return None
+
+
 class InvalidJsonOutput(ValueError):
     """The model's answer is not the JSON asked for."""
 
@@ -74,7 +84,7 @@ def check_json_answer(text: str, schema: Optional[Dict[str, Any]]) -> Any:
     wants one, or lacks a required top-level key."""
     try:
         document = json.loads(text)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise InvalidJsonOutput(f"the model's answer is not valid JSON ({error})") from None
     if schema is None:
         if not isinstance(document, dict):

@@ -9,6 +9,7 @@ and model.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import logging
 from pathlib import Path
@@ -35,6 +36,15 @@ def time_now() -> float:
     return datetime.datetime.now().timestamp()
 
 
+@functools.lru_cache(maxsize=4)
+def digest_in_memory(path: str, size: int, mtime_ns: int) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
 def file_digest(path: Path, size: int, mtime_ns: int, settings: Settings) -> str:
     """The file's SHA-256: known for the embedded model; otherwise computed once and kept in a
     .sha256 file beside it (a fresh worker per answer must not hash 500 MB each time)."""
@@ -47,15 +57,19 @@ def file_digest(path: Path, size: int, mtime_ns: int, settings: Settings) -> str
             return digest
     except (OSError, ValueError):
         pass
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            hasher.update(block)
+    digest = digest_in_memory(str(path), size, mtime_ns)
     try:
-        cache.write_text(f"{size} {mtime_ns} {hasher.hexdigest()}\n")
+        cache.write_text(f"{size} {mtime_ns} {digest}\n")
     except OSError as error:
-        log.warning("cannot keep the model's digest in %s: %s", cache, error)
-    return hasher.hexdigest()
+        log.warning("cannot keep the model's digest in %s (%s): kept in memory only", cache, error)
+    return digest
+
+
+@functools.lru_cache(maxsize=4)
+def gguf_header(path: str, size: int, mtime_ns: int) -> Dict[str, Any]:
+    """The whole GGUF header, read once per file version and process (a long-lived worker or the
+    zygote, whose forked workers inherit it)."""
+    return read_gguf_metadata(Path(path), None)
 
 
 def model_description(settings: Settings, name: str, with_info: bool = False) -> Dict[str, Any]:
@@ -63,7 +77,7 @@ def model_description(settings: Settings, name: str, with_info: bool = False) ->
     chat_template."""
     path = settings.model_file
     stat = path.stat()
-    metadata = read_gguf_metadata(path, None)
+    metadata = gguf_header(str(path), stat.st_size, stat.st_mtime_ns)
     family = str(metadata.get("general.architecture", ""))
     size_label = metadata.get("general.size_label") or parameter_size(metadata.get("general.parameter_count"))
     description: Dict[str, Any] = {

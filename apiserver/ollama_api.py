@@ -16,11 +16,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from apiserver.api import ApiError, App, Reply, Request, Route, TokenBatcher, as_api_error, json_reply
 from apiserver.chat import Answer, ChatRequest, answer_once, build_chat
+from apiserver.json_output import check_schema
 from apiserver.engine import ClientGone, GenerationParams
 from apiserver.fields import parse_body_fields, parse_generation_params, read_flag, read_text
 from apiserver.model_facts import model_description, rfc3339
 from apiserver.settings import Settings
-from apiserver.tool_formats import CallHoldBack, ToolCall
+from apiserver.tool_formats import CallHoldBack, ToolCall, unsent_text
 
 OLLAMA_VERSION = "0.6.8"  # the Ollama release whose API this one follows
 NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -54,13 +55,21 @@ def parse_options(app: App, fields: Dict[str, Any]) -> GenerationParams:
     if not isinstance(options, dict):
         raise ApiError(400, "'options' must be an object", "invalid_type", "options")
     num_ctx = options.get("num_ctx")
-    if num_ctx is not None and (not isinstance(num_ctx, int) or num_ctx > app.settings.n_ctx):
+    if num_ctx is not None and (isinstance(num_ctx, bool) or not isinstance(num_ctx, int)):
+        raise ApiError(400, f"options.num_ctx must be an integer, got {json.dumps(num_ctx)}", "invalid_type",
+                       "options.num_ctx")
+    if num_ctx is not None and num_ctx > app.settings.n_ctx:
         raise ApiError(400, f"options.num_ctx {num_ctx} is larger than the loaded context of {app.settings.n_ctx} "
                             "tokens ([model] n_ctx)", "invalid_value", "options.num_ctx")
     sampling = {ours: options[theirs] for theirs, ours in OPTION_FIELDS.items() if options.get(theirs) is not None}
     if sampling.get("max_tokens") in (-1, -2):  # -1: no limit, -2: fill the context: our limit
         sampling["max_tokens"] = app.settings.max_tokens_limit
-    return parse_generation_params(sampling, app.settings)
+    try:
+        return parse_generation_params(sampling, app.settings)
+    except ApiError as error:  # named with Ollama's option names
+        theirs = next((theirs for theirs, ours in OPTION_FIELDS.items() if ours == error.param), error.param)
+        message = error.message.replace(f"'{error.param}'", f"options.{theirs}")
+        raise ApiError(error.status, message, error.code, f"options.{theirs}") from None
 
 
 def parse_format(fields: Dict[str, Any]) -> Tuple[bool, Optional[Dict[str, Any]]]:
@@ -70,7 +79,7 @@ def parse_format(fields: Dict[str, Any]) -> Tuple[bool, Optional[Dict[str, Any]]
         return False, None
     if value == "json":
         return True, None
-    if isinstance(value, dict):
+    if isinstance(value, dict) and not check_schema(value):
         return True, value
     raise ApiError(400, "'format' must be \"json\" or a JSON schema object", "invalid_value", "format")
 
@@ -96,12 +105,13 @@ def parse_messages(fields: Dict[str, Any]) -> List[Dict[str, Any]]:
         item: Dict[str, Any] = {"role": message["role"], "content": content}
         calls = message.get("tool_calls") or []
         if message["role"] == "assistant" and calls:
-            try:
-                item["tool_calls"] = [ToolCall(call["function"]["name"], dict(call["function"].get("arguments") or {}))
-                                      for call in calls]
-            except (TypeError, KeyError, ValueError):
+            functions = [call.get("function") if isinstance(call, dict) else None for call in calls] \
+                if isinstance(calls, list) else [None]
+            if not all(isinstance(function, dict) and isinstance(function.get("name"), str)
+                       and isinstance(function.get("arguments", {}), dict) for function in functions):
                 raise ApiError(400, f"messages[{index}].tool_calls must be [{{\"function\": {{\"name\", "
-                                    "\"arguments\"}}}}]", "invalid_value", f"messages[{index}]") from None
+                                    "\"arguments\": {{…}}}}}}]", "invalid_value", f"messages[{index}]")
+            item["tool_calls"] = [ToolCall(function["name"], function.get("arguments") or {}) for function in functions]
         parsed.append(item)
     return parsed
 
@@ -124,8 +134,9 @@ def handle_chat(app: App, request: Request) -> Reply:
             "role": "assistant", "content": ""}, "done_reason": "unload" if unloading(fields) else "load",
             "done": True})
     tools = fields.get("tools") or []
-    if not isinstance(tools, list) or not all(isinstance(tool, dict) and isinstance(
-            (tool.get("function") or {}).get("name"), str) for tool in tools):
+    if not isinstance(tools, list) or not all(
+            isinstance(tool, dict) and isinstance(tool.get("function"), dict) and isinstance(tool["function"].get("name"), str)
+            and isinstance(tool["function"].get("parameters", {}), dict) for tool in tools):
         raise ApiError(400, "'tools' must be a list of {\"type\": \"function\", \"function\": {\"name\", …}}",
                        "invalid_value", "tools")
     json_mode, schema = parse_format(fields)
@@ -161,7 +172,7 @@ def ollama_answer(app: App, request: Request, fields: Dict[str, Any], chat: Chat
     """The answer, streamed as NDJSON (Ollama's default) or as one object."""
     app.require_runner()
     started = time.monotonic()
-    stream = read_flag({"stream": fields.get("stream", True)}, "stream")
+    stream = read_flag(fields, "stream", default=True)
     framing = Framing(str(fields["model"]), chat_shape)
     if stream:
         reply = Reply(200, dict(NDJSON_HEADERS))
@@ -202,6 +213,7 @@ class LineStream:
         self.holdback = CallHoldBack(bool(chat.tool_names))
         self.batcher = TokenBatcher(self.send_text)
         self.prefill_due = bool(chat.prefill)
+        self.streamed = ""  # the text sent so far
 
     def __call__(self, emit: Callable[[bytes], None]) -> None:
         self.emit = emit
@@ -209,7 +221,7 @@ class LineStream:
             answer = answer_once(self.app, self.request, self.chat, on_text=self.add_text, on_retry=self.retry)
             self.batcher.flush()
             if answer.calls:
-                self.send(self.framing.piece(answer.text if not self.opened else "", answer.calls))
+                self.send(self.framing.piece(unsent_text(answer.text, self.streamed), answer.calls))
             elif self.holdback.held:
                 self.send(self.framing.piece(self.holdback.held))
             last = {**self.framing.piece(""), **done_fields(answer, self.started)}
@@ -230,11 +242,13 @@ class LineStream:
 
     def retry(self) -> None:
         self.holdback.drop()
+        self.streamed = ""
         self.batcher = TokenBatcher(self.send_text)
 
     def send_text(self, text: str) -> None:
         text = self.holdback.feed(text)
         if text:
+            self.streamed += text
             self.send(self.framing.piece(text))
 
     def send(self, document: Dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from apiserver.engine import ClientGone
 from apiserver.chat import answer_once
 from apiserver.openai_fields import OpenAIRequest, parse_chat_request, parse_completion_request, system_fingerprint
 from apiserver.settings import Settings
-from apiserver.tool_formats import CallHoldBack, ToolCall
+from apiserver.tool_formats import CallHoldBack, ToolCall, unsent_text
 
 log = logging.getLogger("gpt4all_api")
 
@@ -96,6 +96,7 @@ class EventStream:
         self.index = 0
         self.role_sent = -1  # the last choice whose role chunk has left
         self.holdback = CallHoldBack(False)  # with tools offered: what may begin a call waits
+        self.streamed = ""
         self.batcher = TokenBatcher(self.send_text)
         self.prefill_due = False
 
@@ -106,12 +107,16 @@ class EventStream:
         try:
             for self.index in range(oai.n):
                 self.holdback, self.prefill_due = CallHoldBack(bool(chat.tool_names)), bool(chat.prefill)
+                self.streamed = ""  # this choice's text sent so far
                 self.batcher = TokenBatcher(self.send_text)
                 answer = answer_once(self.app, self.request, chat, on_text=self.add_text, on_retry=self.drop_held_call)
                 self.add_text("")
                 self.batcher.flush()
                 completion = answer.completion
                 if answer.calls:
+                    rest = unsent_text(answer.text, self.streamed)
+                    if rest:
+                        self.send_delta({"content": rest})
                     for number, call in enumerate(answer.calls):
                         self.send_delta({"tool_calls": [tool_call_object(call, number)]})
                 elif self.holdback.held:
@@ -141,11 +146,13 @@ class EventStream:
     def drop_held_call(self) -> None:
         """The held call repeated an answered one: the answer starts again, in text."""
         self.holdback.drop()
+        self.streamed = ""
         self.batcher = TokenBatcher(self.send_text)
 
     def send_text(self, text: str) -> None:
         text = self.holdback.feed(text)
         if text:
+            self.streamed += text
             self.send_choice(text, None)
 
     def send_delta(self, delta: Dict[str, Any], finish: Optional[str] = None) -> None:

@@ -19,6 +19,7 @@ from apiserver.engine import GenerationParams
 from apiserver.fields import parse_body_fields, parse_generation_params, read_flag, read_number
 from apiserver.settings import Settings
 from apiserver.chat import ChatRequest, build_chat
+from apiserver.json_output import check_schema
 from apiserver.tool_formats import ToolCall
 
 API_VERSION = "gpt4all_api-2"  # part of the system fingerprint: changes when answers may change
@@ -142,7 +143,8 @@ def parse_tool_choice(fields: Dict[str, Any], names: List[str]) -> Optional[str]
         if choice == "required" and not names:
             raise ApiError(400, "'tool_choice' is required but no tools are offered", "invalid_value", "tool_choice")
         return choice
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str) or name not in names:
         raise ApiError(400, "'tool_choice' must be auto, none, required or {\"type\": \"function\", \"function\": "
                             f"{{\"name\"}}}} naming an offered tool ({', '.join(names) or 'none offered'})",
@@ -161,9 +163,11 @@ def parse_response_format(fields: Dict[str, Any]) -> Tuple[bool, Optional[Dict[s
     if kind == "json_object":
         return True, None
     if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise ApiError(400, "'response_format.json_schema.schema' must be a JSON schema object", "invalid_value",
+        wrapper = response_format.get("json_schema")
+        schema = wrapper.get("schema") if isinstance(wrapper, dict) else None
+        if not isinstance(schema, dict) or check_schema(schema):
+            raise ApiError(400, "'response_format.json_schema.schema' must be a JSON schema object"
+                           + (f": {check_schema(schema)}" if isinstance(schema, dict) else ""), "invalid_value",
                            "response_format.json_schema.schema")
         return True, schema
     raise ApiError(400, f"'response_format.type' must be text, json_object or json_schema, got {json.dumps(kind)}",
@@ -208,7 +212,7 @@ def parse_chat_request(app: App, request: Request) -> OpenAIRequest:
     messages = parse_messages(fields)
     tools = parse_tools(fields)
     choice = parse_tool_choice(fields, [tool["function"]["name"] for tool in tools])
-    parallel = read_flag({"parallel_tool_calls": fields.get("parallel_tool_calls", True)}, "parallel_tool_calls")
+    parallel = read_flag(fields, "parallel_tool_calls", default=True)
     json_mode, schema = parse_response_format(fields)
     chat = build_chat(app, messages, common.pop("params"), tools=tools, choice=choice, parallel_tool_calls=parallel,
                       json_mode=json_mode, json_schema=schema)

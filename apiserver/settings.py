@@ -129,6 +129,13 @@ def url_path(text: str) -> str:
     return text
 
 
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number, 0 to 65535")
+    return value
+
+
 def comma_list(text: str) -> Tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
@@ -137,7 +144,7 @@ def comma_list(text: str) -> Tuple[str, ...]:
 # against the config file's folder.
 CONFIG_KEYS = [
     ("server", "host", "host", str),
-    ("server", "port", "port", at_least(int)),
+    ("server", "port", "port", port_number),
     ("server", "route", "route", url_path),
     ("server", "api_key", "api_key", str),
     ("server", "cors_origins", "cors_origins", comma_list),
@@ -218,7 +225,7 @@ def load_settings(config_file: Path, **overrides: Any) -> Settings:
 def add_address_arguments(parser: argparse.ArgumentParser) -> None:
     """--host and --port, which override [server] host and port (a second instance, a busy port)."""
     parser.add_argument("--host", help="listen on this address instead of [server] host")
-    parser.add_argument("--port", type=at_least(int), help="listen on this port instead of [server] port")
+    parser.add_argument("--port", type=port_number, help="listen on this port instead of [server] port")
 
 
 

@@ -46,14 +46,14 @@ class ToolFormat:
         return QWEN_DEFAULT_SYSTEM if self.name == "hermes" else None
 
     def call_text(self, call: ToolCall) -> str:
-        return f'{{"name": "{call.name}", "{self.arguments_key}": {to_json(call.arguments)}}}'
+        return f'{{"name": {to_json(call.name)}, "{self.arguments_key}": {to_json(call.arguments)}}}'
 
     def prefill(self, function: Optional[str]) -> str:
         """The opening of the assistant's answer that forces a call (of function, when named)."""
         opening = f"{CALL_OPEN}\n" if self.name == "hermes" else ""
         if function is None:
             return opening + '{"name": "'
-        return opening + f'{{"name": "{function}", "{self.arguments_key}": '
+        return opening + f'{{"name": {to_json(function)}, "{self.arguments_key}": '
 
     def render(self, messages: Sequence[Message], tools: Sequence[Dict[str, Any]]) -> List[Dict[str, str]]:
         """The conversation as plain {"role", "content"} messages for the family's ChatTemplate;
@@ -230,7 +230,7 @@ def read_calls(text: str, start: int, offered: Sequence[str]) -> Tuple[List[Tool
     while position < len(text) and text[position] == "{":
         try:
             document, position = decoder.raw_decode(text, position)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise NotACall(f"not valid JSON ({error})") from None
         if not isinstance(document, dict) or not isinstance(document.get("name"), str):
             raise NotACall("a JSON object without a function name")
@@ -238,7 +238,7 @@ def read_calls(text: str, start: int, offered: Sequence[str]) -> Tuple[List[Tool
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise NotACall("arguments that are not JSON") from None
         if not isinstance(arguments, dict):
             raise NotACall("arguments that are not an object")
@@ -285,6 +285,15 @@ def call_start(text: str) -> int:
                 found.append(len(text) - size)
                 break
     return min(found, default=len(text))
+
+
+def unsent_text(content: str, streamed: str) -> str:
+    """The part of an answer's content that a stream has not sent yet, once its calls are known
+    (text around a call that was held back while it might have begun one)."""
+    if content.startswith(streamed):
+        return content[len(streamed):]
+    sent = streamed.rstrip()  # the content was trimmed where the call began; the space has left
+    return content[len(sent):].lstrip() if content.startswith(sent) else ""
 
 
 class CallHoldBack:

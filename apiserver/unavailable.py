@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 log = logging.getLogger("watchdog")
 
+MAX_REASON = 300  # characters of the reason a client is shown (the whole line is in the log)
 MAX_HEAD_BYTES = 16384  # a request head larger than this is answered without reading the rest
 HEAD_SECONDS = 2.0  # a client silent this long is answered anyway
 DRAIN_SECONDS = 1.0  # after the answer, what the client still sends is read and dropped, so that
@@ -67,7 +68,7 @@ class UnavailableResponder:
         """Call once per loop, before select(): accept while unavailable is (reason, retry_in)."""
         now = self.clock()
         if unavailable is not None:
-            self.reason, self.retry_at = unavailable[0], now + unavailable[1]
+            self.reason, self.retry_at = unavailable[0][:MAX_REASON], now + unavailable[1]
             if self.listener is None:
                 self.listener = listener
                 self.selector.register(listener, selectors.EVENT_READ, self.accept)
@@ -83,7 +84,7 @@ class UnavailableResponder:
                 self.answer(client)
 
     def accept(self) -> None:
-        while self.listener is not None:
+        while self.listener is not None:  # the listener is non-blocking (the watchdog sets it so)
             try:
                 connection, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -115,7 +116,10 @@ class UnavailableResponder:
     def answer(self, client: Client) -> None:
         request_line = client.head.split(b"\r\n", 1)[0].decode("latin-1").split()
         method = request_line[0] if request_line else "GET"
-        path = (urlsplit(request_line[1]).path.rstrip("/") or "/") if len(request_line) > 1 else "/"
+        try:
+            path = (urlsplit(request_line[1]).path.rstrip("/") or "/") if len(request_line) > 1 else "/"
+        except ValueError:  # a target urlsplit refuses ("//[", ...): whatever it is, it gets the 503
+            path = "/"
         reply = unavailable_reply(method, path, self.reason, self.retry_at - self.clock())
         try:
             client.connection.send(reply)  # a few hundred bytes: the socket's buffer takes them at once

@@ -106,6 +106,18 @@ BAD_INPUT = [
         "tools": [{"type": "function", "function": {"name": "a"}}],
         "tool_choice": {"type": "function", "function": {"name": "b"}}, "messages": [{"role": "user", "content": "hi"}]}),
      {}, 400, "invalid_value", "tool_choice", {}),
+    ("openai tool_choice function not an object", dict(path="/v1/chat/completions", body={
+        "tools": [{"type": "function", "function": {"name": "a"}}], "tool_choice": {"function": 5},
+        "messages": [{"role": "user", "content": "hi"}]}), {}, 400, "invalid_value", "tool_choice", {}),
+    ("openai json_schema not an object", dict(path="/v1/chat/completions", body={
+        "response_format": {"type": "json_schema", "json_schema": 5}, "messages": [{"role": "user", "content": "hi"}]}),
+     {}, 400, "invalid_value", "response_format.json_schema.schema", {}),
+    ("openai json_schema required not a list", dict(path="/v1/chat/completions", body={
+        "response_format": {"type": "json_schema", "json_schema": {"schema": {"required": 5}}},
+        "messages": [{"role": "user", "content": "hi"}]}), {}, 400, "invalid_value",
+     "response_format.json_schema.schema", {}),
+    ("openai model not a string", dict(path="/v1/chat/completions", body={
+        "model": ["x"], "messages": [{"role": "user", "content": "hi"}]}), {}, 400, "invalid_type", "model", {}),
     ("openai tool message without id", dict(path="/v1/chat/completions", body={
         "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "18 C"}]}),
      {}, 400, "missing_field", "messages[1]", {}),

@@ -76,3 +76,35 @@ def test_errors_are_ollama_shaped(settings):
     assert refused.status == 401 and set(json.loads(refused.body)) == {"error"}
     probe = dispatch(guarded, make_request("GET", "/"))
     assert probe.status == 200 and probe.body == b"Ollama is running"
+
+
+def test_bad_options_name_ollamas_field(settings):
+    app = make_app(settings, FakeModel())
+    for options, field in (({"num_predict": -5}, "options.num_predict"), ({"temperature": "hot"}, "options.temperature"),
+                           ({"num_ctx": "big"}, "options.num_ctx")):
+        reply = dispatch(app, make_request(path="/api/chat", body={"model": "m", "messages": FRANCE,
+                                                                   "options": options}))
+        assert reply.status == 400 and json.loads(reply.body)["error"].startswith(field), reply.body
+
+
+def test_bad_tool_calls_in_history_and_bad_schemas_are_400s(settings):
+    app = make_app(settings, FakeModel())
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    for call in ({"function": {"name": 5, "arguments": {}}}, {"function": {"name": "f", "arguments": [[1, 2]]}}):
+        reply = dispatch(app, make_request(path="/api/chat", body={"model": "m", "tools": tools, "messages": [
+            {"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]}))
+        assert reply.status == 400 and "tool_calls" in json.loads(reply.body)["error"]
+    reply = dispatch(app, make_request(path="/api/chat", body={"model": "m", "messages": FRANCE,
+                                                               "format": {"required": [["x"]]}}))
+    assert reply.status == 400
+
+
+def test_null_stream_means_the_default_and_text_around_a_call_is_not_lost(settings):
+    pieces = ["Sure {not json} then ", '<tool_call>{"name": "f", "arguments": {}}</tool_call>', " bye"]
+    app = make_app(settings, FakeModel(pieces=pieces))
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    lines = ndjson(dispatch(app, make_request(path="/api/chat", body={"model": "m", "messages": FRANCE,
+                                                                      "tools": tools, "stream": None})))
+    whole = json.loads(dispatch(app, make_request(path="/api/chat", body={
+        "model": "m", "messages": FRANCE, "tools": tools, "stream": False})).body)["message"]
+    assert "".join(line["message"]["content"] for line in lines) == whole["content"] == "Sure {not json} then bye"

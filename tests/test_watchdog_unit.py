@@ -456,3 +456,19 @@ def test_the_watchdogs_503_has_the_shape_of_every_other_error() -> None:
     head, body = unavailable_reply("GET", "/health", "model file x not found", 0.2).split(b"\r\n\r\n", 1)
     assert json.loads(body) == {"status": "unavailable", "reason": "model file x not found", "retry_in_s": 1}
     assert unavailable_reply("HEAD", "/", "x", 1).endswith(b"\r\n\r\n")
+
+
+def test_the_503_responder_survives_a_request_target_urlsplit_refuses() -> None:
+    import selectors
+    import socket as socket_module
+    from apiserver.unavailable import Client, UnavailableResponder
+    ours, theirs = socket_module.socketpair()
+    with ours, theirs:
+        responder = UnavailableResponder(selectors.DefaultSelector())
+        responder.reason, responder.retry_at = "model file x not found", 0.0
+        client = Client(ours, 0.0)
+        client.head = b"GET //[ HTTP/1.1\r\n\r\n"
+        responder.clients[ours] = client
+        responder.selector.register(ours, selectors.EVENT_READ)
+        responder.answer(client)
+        assert theirs.recv(100).startswith(b"HTTP/1.1 503 ")
