@@ -64,6 +64,9 @@ server_log = logging.getLogger("watchdog.server_log")
 WORKER_SCRIPT_ENV = "GPT4ALL_API_WORKER_SCRIPT"  # undocumented: tests run tests/fake_worker.py
 OUTPUT_LINES_KEPT = 30
 HERE = Path(__file__).resolve().parent
+# Files in state_dir, named for the port (state_file()).
+LOCK_FILE, WORKER_SENTINEL, ZYGOTE_SENTINEL = "watchdog-{port}.lock", "worker-{port}-{serial}.sentinel", \
+    "zygote-{port}.sentinel"
 # Settings that belong to the socket or the lock: a SIGHUP cannot change them.
 RESTART_ONLY_SETTINGS = ("host", "port", "backlog", "state_dir")
 
@@ -80,9 +83,9 @@ def worker_command(settings: Settings) -> List[str]:
             "--port", str(settings.port)]
 
 
-def state_file(settings: Settings, name: str) -> Path:
+def state_file(settings: Settings, name: str, **fields: object) -> Path:
     """A file in state_dir named for our port, so that watchdogs on other ports share the folder."""
-    return settings.state_dir / name.format(port=settings.port)
+    return settings.state_dir / name.format(port=settings.port, **fields)
 
 
 def describe_exit(returncode: int, killed_by_us: bool) -> str:
@@ -289,7 +292,7 @@ class Zygote:
         self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.process = WorkerProcess.spawn(worker_command(self.settings), self.listener.fileno(),
-                                               state_file(self.settings, "zygote-{port}.sentinel"), self.selector,
+                                               state_file(self.settings, ZYGOTE_SENTINEL), self.selector,
                                                zygote_fd=theirs.fileno())
         except OSError as error:
             log.warning("cannot start the zygote: %s", error)
@@ -574,7 +577,7 @@ class Supervisor:
             return
         serial = self.serial + 1
         try:
-            process = self.spawn_process(state_file(self.settings, f"worker-{{port}}-{serial}.sentinel"))
+            process = self.spawn_process(state_file(self.settings, WORKER_SENTINEL, serial=serial))
         except OSError as error:
             log.error("cannot start worker %d: %s", serial, error)
             self.serial = serial
@@ -662,8 +665,8 @@ def configure_server_log(settings: Settings) -> None:
 
 def remove_stale_sentinels(settings: Settings) -> None:
     """Sentinels of a previous watchdog on our port (other ports' belong to running watchdogs)."""
-    state_dir, port = settings.state_dir, settings.port
-    for sentinel in [*state_dir.glob(f"worker-{port}-*.sentinel"), *state_dir.glob(f"zygote-{port}.sentinel")]:
+    names = (state_file(settings, WORKER_SENTINEL, serial="*").name, state_file(settings, ZYGOTE_SENTINEL).name)
+    for sentinel in [path for name in names for path in settings.state_dir.glob(name)]:
         log.info("removing %s, left by a previous run", sentinel)
         sentinel.unlink(missing_ok=True)
 
@@ -796,7 +799,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"watchdog: {error}", file=sys.stderr)
         return 2
     set_process_name("gpt4all-watcher")
-    lock_file = state_file(settings, "watchdog-{port}.lock")
+    lock_file = state_file(settings, LOCK_FILE)
     try:
         lock = acquire_lock(lock_file)
     except LockHeld as error:

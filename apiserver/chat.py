@@ -2,9 +2,10 @@
 turned into a prompt, and the model's answer read back into text and tool calls.
 
 Owns ChatRequest, build_chat (the prompt in the model's own tool format, the prefill that enforces a
-tool choice or JSON mode), Answer (the answer checked: calls parsed, JSON validated) and answer_once
-(one generation, with the fallback for a model that repeats a call already answered). The wire
-protocols (openai_api, ollama_api) only read their fields into build_chat and frame its answers.
+tool choice or JSON mode), Answer (the answer checked: calls parsed, JSON validated), answer_once
+(one generation, with the fallback for a model that repeats a call already answered) and
+StreamedAnswer (the text of one answer on its way to a stream). The wire protocols (openai_api,
+ollama_api) only read their fields into build_chat and frame its answers.
 Imports settings, engine, api, tool_formats and json_output.
 """
 
@@ -14,11 +15,11 @@ import dataclasses
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from apiserver.api import ApiError, App, Request
+from apiserver.api import ApiError, App, Request, TokenBatcher
 from apiserver.engine import Completion, GenerationParams
 from apiserver.json_output import InvalidJsonOutput, JsonCloser, check_json_answer, prefill_for, schema_instruction
-from apiserver.tool_formats import (ToolCall, answered_calls, call_key, fold_tool_exchanges, parse_tool_calls,
-                                    tool_format_for)
+from apiserver.tool_formats import (CallHoldBack, ToolCall, answered_calls, call_key, fold_tool_exchanges,
+                                    parse_tool_calls, tool_format_for, unsent_text)
 
 log = logging.getLogger("gpt4all_api")
 
@@ -69,16 +70,17 @@ def build_chat(app: App, messages: Sequence[Dict[str, Any]], params: GenerationP
     elif choice not in ("auto", "none"):
         prefill = tool_format.prefill(None if choice == "required" else choice)
     prompt, params = app.chat_prompt(plain, params)
+    answered = answered_calls(messages) if choice == "auto" else frozenset()
     fallback = ""
-    if choice == "auto":
+    if answered:  # only a call already answered can be repeated: only then is a fallback needed
         folded = fold_tool_exchanges(messages)
-        if folded and folded[0]["role"] != "system":
+        if folded[0]["role"] != "system":
             folded.insert(0, {"role": "system", "content": tool_format.default_system or app.settings.system_prompt})
         fallback = template.render(folded)
     names = tuple(tool["function"]["name"] for tool in tools) if choice != "none" else ()
     return ChatRequest(prompt + prefill, params, prefill=prefill, tool_names=names,
                        parallel_tool_calls=parallel_tool_calls, json_mode=json_mode, json_schema=json_schema,
-                       answered=answered_calls(messages) if fallback else frozenset(), fallback_prompt=fallback)
+                       answered=answered, fallback_prompt=fallback)
 
 
 class Answer:
@@ -126,3 +128,42 @@ def answer_once(app: App, request: Request, chat: ChatRequest, on_text: Optional
         answer.completion.prompt_tokens += first.prompt_tokens
         answer.completion.completion_tokens += first.completion_tokens
     return answer
+
+
+class StreamedAnswer:
+    """The text of one answer on its way to a stream, for any framing: the prefilled opening leaves
+    with the first piece (so nothing leaves before the generation was admitted, and a refusal is
+    still an ordinary error reply), the pieces in TokenBatcher's groups, and with tools offered,
+    what may begin a call held back until the answer is classified. send(text) frames the text."""
+
+    def __init__(self, chat: ChatRequest, send: Callable[[str], None]):
+        self.chat, self.send = chat, send
+        self.prefill_due = bool(chat.prefill)
+        self.holdback = CallHoldBack(bool(chat.tool_names))
+        self.batcher = TokenBatcher(self.release)
+        self.streamed = ""  # the text sent so far
+
+    def run(self, app: App, request: Request) -> Tuple[Answer, str]:
+        """Generate; return the answer and its text not streamed yet (held back, or around a call)."""
+        answer = answer_once(app, request, self.chat, on_text=self.add, on_retry=self.restart)
+        self.add("")
+        self.batcher.flush()
+        return answer, unsent_text(answer.text, self.streamed) if answer.calls else self.holdback.held
+
+    def add(self, text: str) -> None:
+        if self.prefill_due:
+            text, self.prefill_due = self.chat.prefill + text, False
+        if text:
+            self.batcher.add(text)
+
+    def restart(self) -> None:
+        """The held call repeated an answered one: the answer starts again, in text."""
+        self.holdback.drop()
+        self.streamed = ""
+        self.batcher = TokenBatcher(self.release)
+
+    def release(self, text: str) -> None:
+        text = self.holdback.feed(text)
+        if text:
+            self.streamed += text
+            self.send(text)

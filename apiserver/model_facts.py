@@ -12,6 +12,7 @@ import datetime
 import functools
 import hashlib
 import logging
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -28,12 +29,9 @@ FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9:
 
 
 def rfc3339(timestamp: Optional[float] = None) -> str:
-    moment = datetime.datetime.fromtimestamp(time_now() if timestamp is None else timestamp).astimezone()
+    """Now (or timestamp) in local time with its offset, as Ollama writes times."""
+    moment = datetime.datetime.fromtimestamp(time.time() if timestamp is None else timestamp).astimezone()
     return moment.isoformat(timespec="microseconds")
-
-
-def time_now() -> float:
-    return datetime.datetime.now().timestamp()
 
 
 @functools.lru_cache(maxsize=4)

@@ -14,14 +14,14 @@ import json
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from apiserver.api import ApiError, App, Reply, Request, Route, TokenBatcher, as_api_error, json_reply
-from apiserver.chat import Answer, ChatRequest, answer_once, build_chat
+from apiserver.api import ApiError, App, Reply, Request, Route, as_api_error, json_reply
+from apiserver.chat import Answer, ChatRequest, StreamedAnswer, answer_once, build_chat
 from apiserver.json_output import check_schema
 from apiserver.engine import ClientGone, GenerationParams
 from apiserver.fields import parse_body_fields, parse_generation_params, read_flag, read_text
 from apiserver.model_facts import model_description, rfc3339
 from apiserver.settings import Settings
-from apiserver.tool_formats import CallHoldBack, ToolCall, unsent_text
+from apiserver.tool_formats import ToolCall
 
 OLLAMA_VERSION = "0.6.8"  # the Ollama release whose API this one follows
 NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -210,20 +210,14 @@ class LineStream:
             started, reply
         self.emit: Callable[[bytes], None] = lambda data: None
         self.opened = False
-        self.holdback = CallHoldBack(bool(chat.tool_names))
-        self.batcher = TokenBatcher(self.send_text)
-        self.prefill_due = bool(chat.prefill)
-        self.streamed = ""  # the text sent so far
 
     def __call__(self, emit: Callable[[bytes], None]) -> None:
         self.emit = emit
         try:
-            answer = answer_once(self.app, self.request, self.chat, on_text=self.add_text, on_retry=self.retry)
-            self.batcher.flush()
-            if answer.calls:
-                self.send(self.framing.piece(unsent_text(answer.text, self.streamed), answer.calls))
-            elif self.holdback.held:
-                self.send(self.framing.piece(self.holdback.held))
+            answer, rest = StreamedAnswer(self.chat, lambda text: self.send(self.framing.piece(text))).run(
+                self.app, self.request)
+            if rest or answer.calls:
+                self.send(self.framing.piece(rest, answer.calls))
             last = {**self.framing.piece(""), **done_fields(answer, self.started)}
             self.send(last)
             self.reply.usage.update(answer.completion.usage())
@@ -233,23 +227,6 @@ class LineStream:
             if not self.opened:
                 raise
             self.send({"error": as_api_error(error, f"streaming {self.request.path}").message})
-
-    def add_text(self, text: str) -> None:
-        if self.prefill_due:  # with the first piece: nothing leaves before the generation was admitted
-            text, self.prefill_due = self.chat.prefill + text, False
-        if text:
-            self.batcher.add(text)
-
-    def retry(self) -> None:
-        self.holdback.drop()
-        self.streamed = ""
-        self.batcher = TokenBatcher(self.send_text)
-
-    def send_text(self, text: str) -> None:
-        text = self.holdback.feed(text)
-        if text:
-            self.streamed += text
-            self.send(self.framing.piece(text))
 
     def send(self, document: Dict[str, Any]) -> None:
         self.opened = True

@@ -16,12 +16,12 @@ import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional
 
-from apiserver.api import App, Reply, Request, Route, TokenBatcher, as_api_error, error_reply, json_reply
+from apiserver.api import App, Reply, Request, Route, as_api_error, error_reply, json_reply
 from apiserver.engine import ClientGone
-from apiserver.chat import answer_once
+from apiserver.chat import StreamedAnswer, answer_once
 from apiserver.openai_fields import OpenAIRequest, parse_chat_request, parse_completion_request, system_fingerprint
 from apiserver.settings import Settings
-from apiserver.tool_formats import CallHoldBack, ToolCall, unsent_text
+from apiserver.tool_formats import ToolCall
 
 log = logging.getLogger("gpt4all_api")
 
@@ -95,10 +95,6 @@ class EventStream:
         self.opened = False
         self.index = 0
         self.role_sent = -1  # the last choice whose role chunk has left
-        self.holdback = CallHoldBack(False)  # with tools offered: what may begin a call waits
-        self.streamed = ""
-        self.batcher = TokenBatcher(self.send_text)
-        self.prefill_due = False
 
     def __call__(self, emit: Callable[[bytes], None]) -> None:
         self.emit = emit
@@ -106,21 +102,13 @@ class EventStream:
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         try:
             for self.index in range(oai.n):
-                self.holdback, self.prefill_due = CallHoldBack(bool(chat.tool_names)), bool(chat.prefill)
-                self.streamed = ""  # this choice's text sent so far
-                self.batcher = TokenBatcher(self.send_text)
-                answer = answer_once(self.app, self.request, chat, on_text=self.add_text, on_retry=self.drop_held_call)
-                self.add_text("")
-                self.batcher.flush()
+                answer, rest = StreamedAnswer(chat, lambda text: self.send_choice(text, None)).run(
+                    self.app, self.request)
                 completion = answer.completion
-                if answer.calls:
-                    rest = unsent_text(answer.text, self.streamed)
-                    if rest:
-                        self.send_delta({"content": rest})
-                    for number, call in enumerate(answer.calls):
-                        self.send_delta({"tool_calls": [tool_call_object(call, number)]})
-                elif self.holdback.held:
-                    self.send_delta({"content": self.holdback.held})
+                if rest:
+                    self.send_choice(rest, None)
+                for number, call in enumerate(answer.calls):
+                    self.send_delta({"tool_calls": [tool_call_object(call, number)]})
                 self.send_choice(None if oai.is_chat else "", answer.finish)
                 for key, value in completion.usage().items():
                     usage[key] += value
@@ -134,26 +122,6 @@ class EventStream:
             if not self.opened:
                 raise
             self.emit(b"data: " + error_reply(as_api_error(error, f"streaming {self.request.path}")).body + b"\n\n")
-
-    def add_text(self, text: str) -> None:
-        """The generated text; the prefilled opening goes first, with the first piece (so that nothing
-        leaves before the generation was admitted: a refusal is still an ordinary error reply)."""
-        if self.prefill_due:
-            text, self.prefill_due = self.chat.prefill + text, False
-        if text:
-            self.batcher.add(text)
-
-    def drop_held_call(self) -> None:
-        """The held call repeated an answered one: the answer starts again, in text."""
-        self.holdback.drop()
-        self.streamed = ""
-        self.batcher = TokenBatcher(self.send_text)
-
-    def send_text(self, text: str) -> None:
-        text = self.holdback.feed(text)
-        if text:
-            self.streamed += text
-            self.send_choice(text, None)
 
     def send_delta(self, delta: Dict[str, Any], finish: Optional[str] = None) -> None:
         """A chat chunk of this choice; its role chunk goes first."""

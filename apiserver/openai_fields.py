@@ -20,7 +20,7 @@ from apiserver.fields import parse_body_fields, parse_generation_params, read_fl
 from apiserver.settings import Settings
 from apiserver.chat import ChatRequest, build_chat
 from apiserver.json_output import check_schema
-from apiserver.tool_formats import ToolCall
+from apiserver.tool_formats import ToolCall, new_call_id
 
 API_VERSION = "gpt4all_api-2"  # part of the system fingerprint: changes when answers may change
 MAX_CHOICES = 4
@@ -80,7 +80,7 @@ def parse_history_call(call: Any, param: str) -> ToolCall:
             raise ApiError(400, f"'{param}.function.arguments' is not valid JSON", "invalid_value", param) from None
     if not isinstance(arguments, dict):
         raise ApiError(400, f"'{param}.function.arguments' must be a JSON object", "invalid_value", param)
-    return ToolCall(function["name"], arguments, id=str(call.get("id") or ToolCall("", {}).id))
+    return ToolCall(function["name"], arguments, id=str(call.get("id") or new_call_id()))
 
 
 def parse_messages(fields: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -22,11 +22,15 @@ QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
 @dataclasses.dataclass(frozen=True)
 class ToolCall:
     name: str
     arguments: Dict[str, Any]
-    id: str = dataclasses.field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
+    id: str = dataclasses.field(default_factory=new_call_id)
 
 
 def to_json(value: Any, indent: Optional[int] = None) -> str:

@@ -25,6 +25,7 @@ both. Results are printed and written to bench/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -265,13 +266,20 @@ def bench_ollama(workdir: Path, rounds: int) -> dict:
     return bench_stream(workdir, rounds, streamer=ollama_chat)
 
 
-def bench_stream(workdir: Path, rounds: int, streamer=stream_chat) -> dict:
-    config = write_config(workdir / "stream")
-    settings = load_settings(config)
+@contextlib.contextmanager
+def server_and_raw(workdir: Path, name: str):
+    """A ready standalone server on the committed defaults, and the raw baseline beside it."""
+    config = write_config(workdir / name)
     server = Process("gpt4all_api.py", config)
     try:
         server.wait_ready()
-        raw = RawModel(settings)
+        yield server, RawModel(load_settings(config))
+    finally:
+        server.stop()
+
+
+def bench_stream(workdir: Path, rounds: int, streamer=stream_chat) -> dict:
+    with server_and_raw(workdir, "stream") as (server, raw):
         raw_first, raw_speed, server_first, server_speed = [], [], [], []
         for prompt in PROMPTS:
             raw.generate(prompt)
@@ -284,8 +292,6 @@ def bench_stream(workdir: Path, rounds: int, streamer=stream_chat) -> dict:
                 first, speed, _ = streamer(server.base_url, prompt)
                 server_first.append(first)
                 server_speed.append(speed)
-    finally:
-        server.stop()
     return {"raw_first_token_ms": median(raw_first) * 1000, "server_first_token_ms": median(server_first) * 1000,
             "first_token_delta_ms": (median(server_first) - median(raw_first)) * 1000,
             "raw_tokens_per_s": median(raw_speed), "server_tokens_per_s": median(server_speed),
@@ -328,12 +334,7 @@ TOOL_PROMPTS = [
 def bench_tools(workdir: Path, rounds: int) -> dict:
     """Tool-call answers: the server vs the same prompt through raw gpt4all, and how many come back
     as valid tool_calls."""
-    config = write_config(workdir / "tools")
-    settings = load_settings(config)
-    server = Process("gpt4all_api.py", config)
-    try:
-        server.wait_ready()
-        raw = RawModel(settings)
+    with server_and_raw(workdir, "tools") as (server, raw):
         rendered = {prompt: TEMPLATES["chatml"].render(FORMATS["hermes"].render(
             [{"role": "user", "content": prompt}], [WEATHER_TOOL])) for prompt in TOOL_PROMPTS}
         raw_times, server_times, valid = [], [], 0
@@ -350,8 +351,6 @@ def bench_tools(workdir: Path, rounds: int) -> dict:
                 if round_number == 0 and len(calls) == 1 and calls[0]["function"]["name"] == "get_weather" and \
                         json.loads(calls[0]["function"]["arguments"]).get("city"):
                     valid += 1
-    finally:
-        server.stop()
     return {"raw_median_s": median(raw_times), "server_median_s": median(server_times),
             "latency_ratio": median(server_times) / median(raw_times),
             "valid_tool_calls": f"{valid} of {len(TOOL_PROMPTS)}"}
