@@ -27,16 +27,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from apiserver.cpu_share import CpuShare, watch_cpu_share
 from apiserver.engine import ModelRunner
 from apiserver.http_server import Server, serve_until_stopped
+from apiserver.metrics import Box, Totals, accept_queue_length, render
 from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model, warm_up
 from apiserver.model_facts import gguf_header
 from apiserver.protocol import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD,
-                                EXIT_CANNOT_LOAD, EXIT_OK, HEARTBEAT_EVERY, Sentinel, read_control_pipe,
-                                serve_fork_requests, set_process_name)
+                                EXIT_CANNOT_LOAD, EXIT_OK, HEARTBEAT_EVERY, MSG_LOADED, MSG_STOPPED_ACCEPTING,
+                                Sentinel, WatchdogLink, serve_fork_requests, set_process_name)
 from apiserver.routes import build_app
 from apiserver.settings import Settings, add_address_arguments, configure_logging, load_settings
 
@@ -69,6 +70,7 @@ class ModelLoader(threading.Thread):
         self.settings, self.heartbeat, self.preloaded, self.background = settings, heartbeat, preloaded, background
         self.runner: Optional[ModelRunner] = None
         self.error: Optional[str] = None
+        self.load_seconds: Optional[float] = None  # None: the zygote loaded it
 
     def run(self) -> None:
         settings = self.settings
@@ -82,7 +84,8 @@ class ModelLoader(threading.Thread):
             else:
                 model = load_model(settings)
                 template, cpu_share = choose_template(settings, settings.model_file), watch_cpu_share(settings)
-                how = f"loaded in {time.monotonic() - started:.2f}s:"
+                self.load_seconds = time.monotonic() - started
+                how = f"loaded in {self.load_seconds:.2f}s:"
             self.runner = ModelRunner(model, settings, template, self.heartbeat.touch, cpu_share)
             log.info("%s model %s (template %s, n_ctx %d)", how, settings.model_id, template.name, settings.n_ctx)
         except CannotLoad as error:
@@ -102,6 +105,12 @@ class WorkerLife:
         self.worker = ENV_LISTEN_FD in os.environ  # run by the watchdog
         self.app = build_app(settings)
         self.app.on_generation_admitted = self.generation_admitted
+        self.app.metrics_text = self.metrics_text
+        # Under the watchdog: the control channel (activation, generation slots, metrics); alone,
+        # this process keeps its own metrics.
+        self.link = WatchdogLink(int(os.environ[ENV_CONTROL_FD])) if self.worker else None
+        self.totals = Totals()
+        self.started_wall = time.time()
         path = os.environ.get(ENV_SENTINEL)
         self.sentinel = Sentinel(Path(path) if self.worker and path else None)
         self.stop_accepting = False  # set by SIGTERM, or when the restart after N requests is due
@@ -112,13 +121,33 @@ class WorkerLife:
         self.lock = threading.Lock()
         self.activated = threading.Event()
         self.loader: Optional[ModelLoader] = None
+        self.server_socket: Optional[socket.socket] = None
 
     # -- the restart policy and the transport's questions ----------------------------------
 
     def generation_admitted(self, count: int) -> None:
         due = self.settings.restart_after_requests
-        if self.worker and due and count >= due:
+        if self.worker and due and count >= due and not self.stop_accepting:
             self.stop_accepting = True
+            self.link.send(MSG_STOPPED_ACCEPTING)  # another worker takes the socket at once
+
+    def report_request(self, report: Dict[str, Any]) -> None:
+        if self.link is not None:
+            self.link.report(report)
+        else:
+            self.totals.add(report)
+
+    def metrics_text(self) -> Optional[str]:
+        """The box's metrics: the watchdog's (all workers, every restart), or this lone server's."""
+        if self.link is not None:
+            text = self.link.metrics_text()
+            return None if text is None else text.decode("utf-8", "replace")
+        runner = self.app.runner
+        return render(self.totals, Box(
+            model=self.settings.model_id, started_wall=self.started_wall, workers={"active": 1}, restarts={},
+            running=int(bool(runner and runner.busy)), waiting=runner.waiting if runner else 0,
+            backlog=accept_queue_length(self.server_socket) if self.server_socket else None,
+            model_load_seconds=self.loader.load_seconds if self.loader else None))
 
     def keeps_idle_connections(self) -> bool:
         return not (self.stop_accepting or self.one_request_at_a_time)
@@ -154,8 +183,8 @@ class WorkerLife:
         """The watchdog's socket (and its control pipe) for a worker; our own bound socket alone."""
         if self.worker:
             listen_socket: Optional[socket.socket] = socket.socket(fileno=int(os.environ[ENV_LISTEN_FD]))
-            threading.Thread(target=read_control_pipe, args=(int(os.environ[ENV_CONTROL_FD]), self.activated.set),
-                             name="control-pipe", daemon=True).start()
+            self.link.on_activate = self.activated.set
+            self.link.start()
         else:
             listen_socket = None
             self.activated.set()
@@ -165,6 +194,7 @@ class WorkerLife:
             log.critical("cannot listen on %s:%s: %s", self.settings.host, self.settings.port, error)
             return None
         if not self.worker:
+            self.server_socket = server.socket
             log.info("listening on http://%s:%s (model loading)", *server.server_address[:2])
         return server
 
@@ -176,6 +206,11 @@ class WorkerLife:
                 self.stop_accepting = True
                 return
             app.runner = self.loader.runner
+            if self.link is not None:
+                app.runner.gate = self.link
+                self.link.on_running = app.runner.set_running_on_box
+                if self.loader.load_seconds is not None:
+                    self.link.send(MSG_LOADED, f"{self.loader.load_seconds:.3f}".encode())
             self.sentinel.create()
             log.info("ready: model %s, pid %d", self.settings.model_id, os.getpid())
         if app.runner is not None and not app.runner.busy:
@@ -231,11 +266,13 @@ def run_zygote(settings: Settings) -> int:
     """
     channel = socket.socket(fileno=int(os.environ.pop(ENV_ZYGOTE_FD)))
     set_process_name("gpt4all-zygote")
+    started = time.monotonic()
     try:
         model = load_model(settings)
     except CannotLoad as error:
         log.critical("%s", error)
         return EXIT_CANNOT_LOAD
+    load_seconds = time.monotonic() - started
     warm_up(model, settings)
     template = choose_template(settings, settings.model_file)
     stat = settings.model_file.stat()
@@ -244,7 +281,7 @@ def run_zygote(settings: Settings) -> int:
     cpu_share = watch_cpu_share(settings)
     log.info("zygote: model %s loaded, pid %d", settings.model_id, os.getpid())
     return serve_fork_requests(channel, lambda: WorkerLife(settings, preloaded=(model, template, cpu_share)).run(),
-                               every_half_second=cpu_share.update if cpu_share else None)
+                               every_half_second=cpu_share.update if cpu_share else None, load_seconds=load_seconds)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,22 +1,24 @@
 """watchdog.py: the product's entry point, `python watchdog.py [--config FILE]`; supervises gpt4all_api.py.
 
-It holds the listening socket (bound once, or systemd's), a lock file and logs/watchdog.log. One
-ACTIVE worker accepts on the inherited socket while, with warm_spare, a READY spare waits with its
-model loaded; a client that comes while no worker accepts waits in the kernel backlog, so a restart
-delays it and never refuses it. A worker gets (../shared/DESIGN.md) the socket's fd in
-GPT4ALL_API_LISTEN_FD, the read end of a control pipe in GPT4ALL_API_CONTROL_FD (b"A" = accept now,
-EOF = the watchdog died: exit at once) and a sentinel path in GPT4ALL_API_SENTINEL (created when
-ready, touched as a heartbeat, removed when its requests are done and its restart is due), plus
-GPT4ALL_API_BACKGROUND=1 when another worker serves (load at idle priority) and our pid in
+It holds the listening socket (bound once, or systemd's), a lock file and logs/watchdog.log.
+`[watchdog] workers` ACTIVE workers accept on the inherited socket while, with warm_spare, a READY
+spare waits with its model loaded; a client that comes while no worker accepts waits in the kernel
+backlog, so a restart delays it and never refuses it. A worker gets (../shared/DESIGN.md) the
+socket's fd in GPT4ALL_API_LISTEN_FD, its end of a control channel in GPT4ALL_API_CONTROL_FD (a
+SOCK_SEQPACKET pair, apiserver/protocol.py: activation, generation slots, request reports, metrics
+queries; EOF = the watchdog died: exit at once) and a sentinel path in GPT4ALL_API_SENTINEL (created
+when ready, touched as a heartbeat, removed when its requests are done and its restart is due),
+plus GPT4ALL_API_BACKGROUND=1 when another worker serves (load at idle priority) and our pid in
 GPT4ALL_API_WATCHDOG_PID (the workers' CPU time is not "other programs" to make room for). Its
 stdout and stderr come back through one pipe into logs/server.log, of which the watchdog is the
-single writer.
+single writer. The metrics' totals live here (apiserver/metrics.py), so they survive every worker.
 
 Worker states, driven by Supervisor.tick(now):
 
-    STARTING --sentinel created--> READY --activated--> ACTIVE
-        |                            |                     |  sentinel removed, SIGTERM (hang, memory,
-        +----------------------------+---------------------+  reload, stop) --> RETIRING --exit--> gone
+    STARTING --sentinel created--> READY --activated--> ACTIVE --restart due--> BUSY
+        |                            |                     |                      |  sentinel removed,
+        +----------------------------+---------------------+----------------------+  SIGTERM (hang,
+                                    memory, reload, stop) --> RETIRING --exit--> gone
 
 An exit from any other state is a crash. A worker that had become ready is replaced at once; one
 that could not start (died before it was ready, EXIT_CANNOT_LOAD, or a crash loop: crash_loop_limit
@@ -38,6 +40,7 @@ import ctypes
 import dataclasses
 import enum
 import fcntl
+import json
 import logging
 import math
 import os
@@ -49,10 +52,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Callable, List, Optional, Tuple
+from typing import IO, Callable, Deque, Dict, List, Optional, Tuple
 
+from apiserver.metrics import Box, Totals, accept_queue_length, render
 from apiserver.protocol import (BACKOFF_START, ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL,
-                                ENV_WATCHDOG_PID, ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, Backoff, set_process_name)
+                                ENV_WATCHDOG_PID, ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, MAX_MESSAGE, MSG_CANCEL,
+                                MSG_CANCELLED, MSG_DONE, MSG_FULL, MSG_GO, MSG_LOADED, MSG_METRICS,
+                                MSG_METRICS_TEXT, MSG_REPORT, MSG_RUNNING, MSG_STOPPED_ACCEPTING, MSG_WANT_SLOT,
+                                Backoff, control_channel, set_process_name)
 from apiserver.settings import (Settings, add_address_arguments, configure_logging, load_settings,
                                 rotating_log_handler)
 from apiserver.unavailable import UnavailableResponder
@@ -115,16 +122,20 @@ class WorkerProcess:
     The Supervisor uses only pid and the methods, so unit tests replace this class with a fake.
     """
 
-    def __init__(self, popen: subprocess.Popen, control_fd: int, sentinel: Path,
+    def __init__(self, popen: subprocess.Popen, control: socket.socket, sentinel: Path,
                  selector: selectors.BaseSelector) -> None:
         self.popen = popen
         self.pid = popen.pid
-        self.control_fd = control_fd
+        self.control: Optional[socket.socket] = control
         self.sentinel = sentinel
         self.selector = selector
         self.output: Optional[IO[bytes]] = popen.stdout
         os.set_blocking(popen.stdout.fileno(), False)
         selector.register(popen.stdout, selectors.EVENT_READ, self.read_output)
+        control.setblocking(False)
+        selector.register(control, selectors.EVENT_READ, self.read_messages)
+        # What the worker says on its control channel (kind, payload): set by the Supervisor.
+        self.on_message: Callable[[bytes, bytes], None] = lambda kind, payload: None
         self.partial_line = b""
         self.recent_lines: collections.deque = collections.deque(maxlen=OUTPUT_LINES_KEPT)
         self.echo_to_log = False
@@ -134,16 +145,16 @@ class WorkerProcess:
               selector: selectors.BaseSelector, zygote_fd: Optional[int] = None,
               background: bool = False) -> WorkerProcess:
         """Start a worker (or, with zygote_fd, the zygote) in its own process group; only it gets
-        the read end of its control pipe. A background worker loads at idle priority. Our session,
+        its end of the control channel. A background worker loads at idle priority. Our session,
         not one of its own: Linux's autogroup shares the CPU between sessions first, so in a session
         of its own an idle-priority load would still take half the machine from the active worker
         (the README's "The watchdog" has the figures)."""
-        control_read, control_write = os.pipe()  # both non-inheritable: no other child gets them
+        ours, theirs = control_channel()  # both non-inheritable: no other child gets them
         env = dict(os.environ, **{ENV_WATCHDOG_PID: str(os.getpid())})
         if zygote_fd is None:
-            env.update({ENV_LISTEN_FD: str(listen_fd), ENV_CONTROL_FD: str(control_read),
+            env.update({ENV_LISTEN_FD: str(listen_fd), ENV_CONTROL_FD: str(theirs.fileno()),
                         ENV_SENTINEL: str(sentinel), ENV_BACKGROUND: "1" if background else "0"})
-            passed: Tuple[int, ...] = (listen_fd, control_read)
+            passed: Tuple[int, ...] = (listen_fd, theirs.fileno())
         else:  # the zygote hands each forked worker its own fds; it needs the channel only
             command, passed = command + ["--zygote"], (zygote_fd,)
             env[ENV_ZYGOTE_FD] = str(zygote_fd)
@@ -152,11 +163,11 @@ class WorkerProcess:
                                      stderr=subprocess.STDOUT, pass_fds=passed,
                                      preexec_fn=os.setpgrp, env=env)
         except OSError:
-            os.close(control_write)
+            ours.close()
             raise
         finally:
-            os.close(control_read)
-        return cls(popen, control_write, sentinel, selector)
+            theirs.close()
+        return cls(popen, ours, sentinel, selector)
 
     def poll(self) -> Optional[int]:
         return self.popen.poll()
@@ -169,10 +180,35 @@ class WorkerProcess:
             return None
 
     def activate(self) -> None:
-        try:
-            os.write(self.control_fd, b"A")
-        except BrokenPipeError:
-            pass  # it has just died: poll() tells how
+        self.tell(b"A")
+
+    def tell(self, kind: bytes, payload: bytes = b"") -> None:
+        """One message on the control channel; lost if the worker has just died (poll() tells how)."""
+        if self.control is not None:
+            try:
+                self.control.send(kind + payload)
+            except OSError:
+                pass
+
+    def read_messages(self) -> None:
+        """Pass each message the worker sent to on_message, until none is waiting."""
+        while self.control is not None:
+            try:
+                data = self.control.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.close_control()
+                return
+            self.on_message(data[:1], data[1:])
+
+    def close_control(self) -> None:
+        if self.control is not None:
+            self.selector.unregister(self.control)
+            self.control.close()
+            self.control = None
 
     def send(self, signum: int) -> None:
         """Signal the worker's whole process group."""
@@ -229,10 +265,11 @@ class WorkerProcess:
             self.output = None
 
     def close(self) -> None:
-        """After the exit: read its last words, close our pipe ends, remove its sentinel."""
+        """After the exit: read its last words and messages, close our ends, remove its sentinel."""
         self.read_output()
         self.close_output()
-        os.close(self.control_fd)
+        self.read_messages()
+        self.close_control()
         self.sentinel.unlink(missing_ok=True)
 
 
@@ -282,6 +319,7 @@ class Zygote:
         self.starts = 0
         self.started_at = 0.0
         self.backoff = Backoff(settings.backoff_max)
+        self.load_seconds: Optional[float] = None
 
     @property
     def loading(self) -> bool:
@@ -330,8 +368,10 @@ class Zygote:
         if self.process is not None and not self.ready:
             self.channel.setblocking(False)
             try:
-                self.ready = self.channel.recv(16) == b"ready"
-            except BlockingIOError:
+                word, _, seconds = self.channel.recv(64).decode("ascii", "replace").partition(" ")
+                self.ready = word == "ready"
+                self.load_seconds = float(seconds) if self.ready and seconds else self.load_seconds
+            except (BlockingIOError, ValueError):
                 pass
             if self.ready:
                 log.info("zygote (pid %d) ready: workers are forked from it", self.process.pid)
@@ -344,23 +384,23 @@ class Zygote:
     def spawn(self, sentinel: Path) -> Optional[WorkerProcess]:
         if not self.ready:
             return None
-        control_read, control_write = os.pipe()
+        ours, theirs = control_channel()
         output_read, output_write = os.pipe()
         try:
             self.channel.settimeout(5.0)
             socket.send_fds(self.channel, [str(sentinel).encode()],
-                            [self.listener.fileno(), control_read, output_write])
+                            [self.listener.fileno(), theirs.fileno(), output_write])
             pid = int(self.channel.recv(32))
         except (OSError, ValueError) as error:
             log.warning("the zygote did not fork a worker (%s): restarting it", error)
             self.stop()
-            for fd in (control_write, output_read):
-                os.close(fd)
+            ours.close()
+            os.close(output_read)
             return None
         finally:
-            os.close(control_read)
+            theirs.close()
             os.close(output_write)
-        return WorkerProcess(ForkedProcess(pid, os.fdopen(output_read, "rb", buffering=0)), control_write,
+        return WorkerProcess(ForkedProcess(pid, os.fdopen(output_read, "rb", buffering=0)), ours,
                              sentinel, self.selector)
 
 
@@ -373,6 +413,7 @@ class State(enum.Enum):
     STARTING = "starting"  # spawned, loading its model, no sentinel yet
     READY = "ready"  # sentinel exists; waiting as the spare, not accepting
     ACTIVE = "active"  # activated: accepting on the socket
+    BUSY = "busy"  # stopped accepting (its restart is due): serving the requests it took, then exits
     RETIRING = "retiring"  # sentinel removed or SIGTERM sent: waiting for its exit
 
 
@@ -385,6 +426,7 @@ class Worker:
     heartbeat_mtime: Optional[int] = None
     heartbeat_at: float = 0.0  # when the sentinel's mtime last changed
     outdated: str = ""  # why an ACTIVE worker is to be replaced once a successor is READY
+    outdated_cause: str = ""  # that reason as a metrics label: memory, reload
     stop_deadline: float = math.inf  # RETIRING: when to send the next, harder signal
     terminated: bool = False  # SIGTERM sent
     killed: bool = False  # SIGKILL sent
@@ -394,10 +436,16 @@ class Worker:
 
 
 class Supervisor:
-    """Keeps one ACTIVE worker (and a READY spare) alive; the watchdog calls tick() every poll.
+    """Keeps [watchdog] workers ACTIVE workers (and a READY spare) alive, hands out the box's
+    generation slots and keeps the metrics' totals; the watchdog calls tick() every poll.
 
     spawn_process(sentinel) starts a worker process and returns a WorkerProcess (or a fake), or None
-    for "not now, ask again next tick".
+    for "not now, ask again next tick". A worker whose restart is due says so (MSG_STOPPED_ACCEPTING)
+    and turns BUSY: a READY worker takes its place on the socket at once, so the box keeps accepting
+    (GET /metrics and /health answer) while it generates. A worker with a generation to run asks for
+    a slot (MSG_WANT_SLOT): at most `workers` run at once, at most queue_size wait (in order); beyond
+    that MSG_FULL (503 queue_full). The running ones learn how many run (MSG_RUNNING): with
+    n_threads = 0 they divide the free cores by it.
     """
 
     def __init__(self, settings: Settings, spawn_process: Callable[[Path], Optional[WorkerProcess]]) -> None:
@@ -410,6 +458,15 @@ class Supervisor:
         self.failure = ""  # why the last backoff began, in words (for the 503 answers meanwhile)
         self.crash_times: List[float] = []  # crashes of started workers since the last answer
         self.healthy_since: Optional[float] = None  # an ACTIVE worker since then, no failure
+        self.running: List[Worker] = []  # holding a generation slot
+        self.waiting: Deque[Worker] = collections.deque()  # waiting for one, first come first served
+        # The metrics: what workers reported, and what only the watchdog knows.
+        self.totals = Totals()
+        self.restarts: Dict[str, int] = collections.Counter()
+        self.crashes = 0
+        self.model_load_seconds: Optional[float] = None
+        self.started_wall = time.time()
+        self.backlog: Callable[[], Optional[int]] = lambda: None  # connections no worker accepted yet
 
     @property
     def finished(self) -> bool:
@@ -417,6 +474,83 @@ class Supervisor:
 
     def find(self, state: State) -> Optional[Worker]:
         return next((worker for worker in self.workers if worker.state is state), None)
+
+    def count(self, state: State) -> int:
+        return sum(worker.state is state for worker in self.workers)
+
+    @property
+    def serving(self) -> bool:
+        """A worker accepts or answers: a new one had better load in the background."""
+        return any(worker.state in (State.ACTIVE, State.BUSY) for worker in self.workers)
+
+    # -- what workers say on their control channel -----------------------------------------
+
+    def message(self, worker: Worker, kind: bytes, payload: bytes) -> None:
+        if kind == MSG_STOPPED_ACCEPTING and worker.state is State.ACTIVE:
+            worker.state = State.BUSY  # tick() (right after this) activates a READY worker in its place
+        elif kind == MSG_WANT_SLOT:
+            self.want_slot(worker)
+        elif kind == MSG_DONE:
+            self.free_slot(worker)
+        elif kind == MSG_CANCEL:
+            self.free_slot(worker)
+            worker.process.tell(MSG_CANCELLED)
+        elif kind == MSG_REPORT:
+            try:
+                report = json.loads(payload)
+            except ValueError:
+                report = None
+            if isinstance(report, dict):
+                self.totals.add(report)
+        elif kind == MSG_METRICS:
+            worker.process.tell(MSG_METRICS_TEXT, self.metrics_text().encode("utf-8"))
+        elif kind == MSG_LOADED:
+            try:
+                self.model_load_seconds = float(payload)
+            except ValueError:
+                pass
+
+    def want_slot(self, worker: Worker) -> None:
+        if worker in self.running or worker in self.waiting:
+            return
+        if len(self.running) < self.settings.workers:
+            self.grant(worker)
+        elif len(self.waiting) >= self.settings.queue_size:
+            worker.process.tell(MSG_FULL)
+        else:
+            self.waiting.append(worker)
+
+    def grant(self, worker: Worker) -> None:
+        self.running.append(worker)
+        worker.process.tell(MSG_GO, str(len(self.running)).encode())
+        self.tell_running(but=worker)
+
+    def free_slot(self, worker: Worker) -> None:
+        """Its generation ended (or it gave up waiting, or died): the next in line gets the slot."""
+        if worker in self.waiting:
+            self.waiting.remove(worker)
+        if worker not in self.running:
+            return
+        self.running.remove(worker)
+        if self.waiting and len(self.running) < self.settings.workers:
+            self.grant(self.waiting.popleft())
+        else:
+            self.tell_running()
+
+    def tell_running(self, but: Optional[Worker] = None) -> None:
+        for other in self.running:
+            if other is not but:
+                other.process.tell(MSG_RUNNING, str(len(self.running)).encode())
+
+    def metrics_text(self) -> str:
+        by_state = collections.Counter(worker.state for worker in self.workers)
+        return render(self.totals, Box(
+            model=self.settings.model_id, started_wall=self.started_wall, restarts=self.restarts,
+            workers={state.value: by_state[state] for state in State}, crashes=self.crashes,
+            running=len(self.running), waiting=len(self.waiting), slots=self.settings.workers,
+            backlog=self.backlog(), model_load_seconds=self.model_load_seconds))
+
+    # -- the state machine ---------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
         """One poll: react to exits, sentinels, heartbeats and deadlines; then activate and spawn."""
@@ -446,6 +580,7 @@ class Supervisor:
                 self.handle_hang(worker, now, f"not ready after {settings.start_timeout:g} s")
         elif mtime is None:
             log.info("%s removed its sentinel: planned restart", worker)
+            self.restarts["planned"] += 1
             self.answered()
             self.retire(worker, now, terminate=False)
         elif mtime != worker.heartbeat_mtime:
@@ -456,19 +591,23 @@ class Supervisor:
             rss = worker.process.rss_mb()
             if rss is not None and rss > settings.max_rss_mb:
                 worker.outdated = f"resident memory {rss:.0f} MiB above max_rss_mb = {settings.max_rss_mb}"
+                worker.outdated_cause = "memory"
                 log.warning("%s to be replaced: %s", worker, worker.outdated)
 
     def reap(self, worker: Worker, returncode: int, now: float) -> None:
         sentinel_removed = worker.process.heartbeat() is None
         worker.process.close()
         self.workers.remove(worker)
+        self.free_slot(worker)
         how = describe_exit(returncode, worker.killed)
         if worker.state is State.RETIRING:
             log.info("%s %s after retiring", worker, how)
         elif returncode == 0 and worker.state is not State.STARTING and sentinel_removed:
             log.info("%s removed its sentinel and exited: planned restart", worker)
+            self.restarts["planned"] += 1
             self.answered()
         elif returncode == EXIT_CANNOT_LOAD:
+            self.crashes += 1
             lines = worker.process.last_lines()
             reason = log_message_of(lines[-1]) if lines else f"{worker} cannot load (no output)"
             log.critical("%s cannot load: %s", worker, lines[-1] if lines else "(no output)")
@@ -477,6 +616,8 @@ class Supervisor:
             lines = "".join(f"\n    {line}" for line in worker.process.last_lines())
             log.error("%s crashed while %s: %s; its last output:%s", worker, worker.state.value, how,
                       lines or " (none)")
+            self.crashes += 1
+            self.restarts["crash"] += 1
             if worker.state is State.STARTING:
                 self.back_off(now, f"a worker {how} before it was ready")
             else:
@@ -502,6 +643,7 @@ class Supervisor:
 
     def handle_hang(self, worker: Worker, now: float, symptom: str) -> None:
         log.error("%s hangs (%s): dumping its stacks, then stopping it", worker, symptom)
+        self.restarts["hang"] += 1
         worker.process.dump_stacks()
         starting = worker.state is State.STARTING
         self.retire(worker, now, terminate=True)
@@ -552,28 +694,39 @@ class Supervisor:
             worker.stop_deadline = math.inf
 
     def activate_or_replace(self, now: float) -> None:
-        """Keep an ACTIVE worker: promote a READY one when none is, or when the active one is outdated."""
-        active = self.find(State.ACTIVE)
-        successor = self.find(State.READY)
-        if successor is None or self.stopping:
+        """Keep `workers` ACTIVE workers: promote a READY one when one is missing (none yet, or one
+        turned BUSY), and in place of an outdated one."""
+        if self.stopping:
             return
-        if active is not None and active.outdated:
+        for active in [worker for worker in self.workers if worker.state is State.ACTIVE and worker.outdated]:
+            successor = self.find(State.READY)
+            if successor is None:
+                return
             log.info("%s replaced by %s: %s", active, successor, active.outdated)
+            self.restarts[active.outdated_cause] += 1
             self.retire(active, now, terminate=True)
-        elif active is not None:
-            return
-        successor.process.activate()
-        successor.state = State.ACTIVE
+            self.activate(successor, now)
+        while self.count(State.ACTIVE) < self.settings.workers:
+            successor = self.find(State.READY)
+            if successor is None:
+                return
+            self.activate(successor, now)
+
+    def activate(self, worker: Worker, now: float) -> None:
+        worker.process.activate()
+        worker.state = State.ACTIVE
         if self.healthy_since is None:
             self.healthy_since = now
-        log.info("%s active", successor)
+        log.info("%s active", worker)
 
     def spawn_if_needed(self, now: float) -> None:
         """Start a worker when one is missing: one model load at a time, none while backing off."""
         if self.stopping or self.backoff.waiting(now) or self.find(State.STARTING):
             return
-        current = [worker for worker in self.workers if worker.state is not State.RETIRING and not worker.outdated]
-        if len(current) >= (2 if self.settings.warm_spare else 1):
+        # Without warm_spare (memory is short), a BUSY worker is replaced only once it has gone.
+        gone = (State.RETIRING, State.BUSY) if self.settings.warm_spare else (State.RETIRING,)
+        current = [worker for worker in self.workers if worker.state not in gone and not worker.outdated]
+        if len(current) >= self.settings.workers + (1 if self.settings.warm_spare else 0):
             return
         serial = self.serial + 1
         try:
@@ -587,6 +740,7 @@ class Supervisor:
             return  # not now: the spawner is about to have a quicker way (the zygote)
         self.serial = serial
         worker = Worker(self.serial, process, State.STARTING, started_at=now)
+        process.on_message = lambda kind, payload: self.message(worker, kind, payload)
         self.workers.append(worker)
         log.info("%s started", worker)
 
@@ -604,9 +758,10 @@ class Supervisor:
         self.backoff.maximum = settings.backoff_max
         for worker in self.workers:
             if worker.state is State.ACTIVE:
-                worker.outdated = "config reloaded"
-            elif worker.state is not State.RETIRING:
-                self.retire(worker, now, terminate=True)
+                worker.outdated, worker.outdated_cause = "config reloaded", "reload"
+            elif worker.state in (State.STARTING, State.READY):
+                self.restarts["reload"] += 1
+                self.retire(worker, now, terminate=True)  # a BUSY one exits after its answer anyway
 
     def stop(self, now: float) -> None:
         """Graceful stop: SIGTERM to every worker; each finishes its requests within stop_timeout."""
@@ -681,6 +836,7 @@ class Watchdog:
         self.selector = selectors.DefaultSelector()
         self.received_signals: List[int] = []
         self.supervisor = Supervisor(settings, self.spawn_worker)
+        self.supervisor.backlog = lambda: accept_queue_length(listener)
         self.responder = UnavailableResponder(self.selector)
         self.zygote = self.make_zygote(settings)
         self.next_stray_check = 0.0
@@ -718,7 +874,7 @@ class Watchdog:
         the loading zygote, and a worker started beside an active one loads in the background.
         Nobody serving (the first start, a crash without a ready spare): a full-speed load now.
         """
-        serving = self.supervisor.find(State.ACTIVE) is not None
+        serving = self.supervisor.serving
         if self.zygote:
             forked = self.zygote.spawn(sentinel)
             if forked or (serving and self.zygote.loading):
@@ -743,8 +899,10 @@ class Watchdog:
             # The zygote starts once a worker serves and none loads: at first start that worker
             # assembles the default model, and two model loads at once would only slow each other.
             if self.zygote and not self.supervisor.stopping:
-                may_start = self.supervisor.find(State.ACTIVE) and not self.supervisor.find(State.STARTING)
-                self.zygote.check(time.monotonic(), may_start=bool(may_start))
+                may_start = self.supervisor.serving and not self.supervisor.find(State.STARTING)
+                self.zygote.check(time.monotonic(), may_start=may_start)
+                if self.zygote.load_seconds is not None:  # a new zygote is ready: its load is the last one
+                    self.supervisor.model_load_seconds, self.zygote.load_seconds = self.zygote.load_seconds, None
             self.supervisor.tick(time.monotonic())
             self.reap_strays(time.monotonic())
         if self.zygote:

@@ -51,6 +51,8 @@ class Request:
     # Tells the accept loop what this request is (a generation was admitted, or the reply is ready),
     # so that a worker whose restart it makes due leaves the next request to its successor.
     mark_classified: Callable[[], None] = lambda: None
+    route: str = "unmatched"  # the route that served it (a metrics label)
+    completion: Optional[Completion] = None  # its generation, once finished (for the metrics)
 
 
 @dataclasses.dataclass
@@ -140,6 +142,7 @@ class Route:
     methods: Dict[str, RouteHandler]
     prefix: bool = False
     error_reply: Callable[[ApiError], Reply] = error_reply
+    public: Callable[[Settings], bool] = lambda settings: False  # True: no API key asked
 
 
 class App:
@@ -155,6 +158,8 @@ class App:
         self.generations_admitted = 0
         # Called with the count after each admitted generation: the worker's restart policy.
         self.on_generation_admitted: Callable[[int], None] = lambda count: None
+        # The metrics' text (metrics_api.py), or None when it cannot be had in time: set by the process.
+        self.metrics_text: Callable[[], Optional[str]] = lambda: None
         self.lock = threading.Lock()
 
     def find_route(self, path: str) -> Optional[Route]:
@@ -186,6 +191,7 @@ class App:
                                                         closer=closer)
         except EngineError as error:
             raise engine_error(error) from None
+        request.completion = completion
         if self.settings.log_prompts:
             log.info("prompt %r -> answer %r", prompt if logged_prompt is None else logged_prompt, completion.text)
         return completion
@@ -243,7 +249,7 @@ def route_request(app: App, route: Optional[Route], request: Request) -> Reply:
     if handler is None:
         raise ApiError(405, f"{request.method} is not allowed on {request.path}; use {allow}",
                        "method_not_allowed", headers={"Allow": allow})
-    if app.settings.api_key and request.path not in OPEN_PATHS:
+    if app.settings.api_key and request.path not in OPEN_PATHS and not route.public(app.settings):
         check_api_key(app.settings, request)
     return handler(app, request)
 
@@ -252,6 +258,8 @@ def dispatch(app: App, request: Request) -> Reply:
     """Route a request; every failure becomes a JSON error reply here (ClientGone excepted)."""
     route = app.find_route(request.path)
     shape = route.error_reply if route else error_reply
+    if route is not None:
+        request.route = route.path
     try:
         reply = route_request(app, route, request)
     except ClientGone:

@@ -1,8 +1,10 @@
 """The engine: one generation at a time on the loaded model, with limits, stop strings and a queue.
 
 Owns GenerationParams, Completion, StopScanner and ModelRunner, the one place that calls the model.
-It knows nothing of HTTP: it raises its own errors (QueueFull, PromptTooLong, PromptNotUnicode,
-ClientGone) and api.py gives each its status. Imports settings, cpu_share and model only.
+Under the watchdog each generation also waits for one of the box's slots (a SlotGate: the worker's
+WatchdogLink), and the free cores are divided by the generations running on the box. It knows
+nothing of HTTP: it raises its own errors (QueueFull, PromptTooLong, PromptNotUnicode, ClientGone)
+and api.py gives each its status. Imports settings, protocol (SlotRefused), cpu_share and model only.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Tuple
 
 from apiserver.cpu_share import CpuShare
 from apiserver.model import ChatTemplate
+from apiserver.protocol import SlotRefused
 from apiserver.settings import Settings
 
 log = logging.getLogger("gpt4all_api")
@@ -77,6 +80,14 @@ class Completion:
         speed = self.completion_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
         return {"queue_ms": round(self.queue_seconds * 1000, 1), "prompt_ms": round(self.prompt_seconds * 1000, 1),
                 "generation_ms": round(self.generation_seconds * 1000, 1), "tokens_per_second": round(speed, 1)}
+
+
+class SlotGate(Protocol):
+    """The box's generation slots (protocol.WatchdogLink): acquire_slot returns the generations
+    running with ours, 0 when still_wanted() turned False first; raises SlotRefused when full."""
+
+    def acquire_slot(self, still_wanted: Callable[[], bool]) -> int: ...
+    def release_slot(self) -> None: ...
 
 
 class Closer(Protocol):
@@ -205,6 +216,12 @@ class ModelRunner:
         self.completed = 0
         self.cpu_share = cpu_share
         self.threads = model.model.thread_count()
+        self.gate: Optional[SlotGate] = None  # under the watchdog: the box's slots
+        self.running_on_box = 1  # generations running on the box: the free cores are divided by it
+
+    def set_running_on_box(self, running: int) -> None:
+        """The watchdog says how many generations run now; the next token uses the new share."""
+        self.running_on_box = max(1, running)
 
     def adapt_threads_when_idle(self) -> None:
         """Between generations: keep the thread count current, so the next one starts with it."""
@@ -220,11 +237,14 @@ class ModelRunner:
         if self.cpu_share is None:
             return
         try:
-            threads = self.cpu_share.update(generating)
+            free = self.cpu_share.update(generating)
+            running = self.running_on_box if self.busy else 1
+            threads = max(1, free // running)
             if threads != self.threads:
                 self.model.model.set_thread_count(threads)
-                log.info("generating on %d of %d cores: other programs keep %.1f cores busy", threads,
-                         len(self.cpu_share.cpus), self.cpu_share.others)
+                log.info("generating on %d of %d cores: other programs keep %.1f cores busy, %d generation%s "
+                         "on this box", threads, len(self.cpu_share.cpus), self.cpu_share.others, running,
+                         "" if running == 1 else "s at once")
                 self.threads = threads
         except Exception:  # inside gpt4all's callback an exception would vanish: log it, stop adapting
             log.exception("cannot adapt the thread count; keeping %d threads", self.threads)
@@ -255,14 +275,31 @@ class ModelRunner:
                 if not client_alive():
                     raise ClientGone()
             try:
-                self.busy = True
-                return self._run(prompt, Generation(self, params, client_alive, on_text, closer), queued)
+                self.wait_for_slot(client_alive)
+                try:
+                    self.busy = True
+                    return self._run(prompt, Generation(self, params, client_alive, on_text, closer), queued)
+                finally:
+                    self.busy = False
+                    if self.gate is not None:
+                        self.gate.release_slot()
             finally:
-                self.busy = False
                 self._generation.release()
         finally:
             with self._counters:
                 self.admitted -= 1
+
+    def wait_for_slot(self, client_alive: Callable[[], bool]) -> None:
+        """Under the watchdog: wait for one of the box's generation slots (queue_size waiting)."""
+        if self.gate is None:
+            return
+        try:
+            running = self.gate.acquire_slot(client_alive)
+        except SlotRefused:
+            raise QueueFull(self.settings.queue_size) from None
+        if not running:
+            raise ClientGone()
+        self.set_running_on_box(running)
 
     def _run(self, prompt: str, generation: Generation, queued: float) -> Completion:
         # gpt4all 2.8.2: GPT4All.generate() tokenizes with special=False, which spells the template's

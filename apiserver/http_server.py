@@ -3,7 +3,8 @@
 Owns Handler (body limits, chunked bodies, streamed replies, one access line per request, the
 standard library's own errors as JSON), Server (on its own socket or the watchdog's) and the accept
 loop. What the process does between requests (in-flight count, when to stop accepting) it asks of a
-Lifecycle. Imports engine (ClientGone) and api only.
+Lifecycle, to which it also reports each finished request (the metrics). Imports engine (ClientGone),
+api and metrics (the report's fields) only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from apiserver.api import ApiError, App, Reply, Request, as_api_error, dispatch, error_reply
 from apiserver.engine import ClientGone
+from apiserver.metrics import generation_report
 
 log = logging.getLogger("gpt4all_api")
 access_log = logging.getLogger("gpt4all_api.access")
@@ -75,6 +77,7 @@ class Handler(BaseHTTPRequestHandler):
         app = self.server.app
         started = time.monotonic()
         reply: Optional[Reply] = None
+        request: Optional[Request] = None
         url = urlsplit(self.path)
         try:
             path = url.path.rstrip("/") or "/"
@@ -98,7 +101,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.life.end_request()
             status = reply.status if reply else 499  # 499: the client left first (nginx's code)
             tokens = reply.usage.get("completion_tokens", "-") if reply else "-"
-            self.log_access(url.path, status, f"{time.monotonic() - started:.3f}s", tokens)
+            seconds = time.monotonic() - started
+            self.log_access(url.path, status, f"{seconds:.3f}s", tokens)
+            self.server.life.report_request(generation_report(request.route if request else "unmatched", status,
+                                                              seconds, request.completion if request else None))
 
     def log_access(self, path: str, status: int, latency: str, tokens: Any) -> None:
         """One line per request; the path without its query, which may hold a prompt."""
@@ -241,6 +247,7 @@ class Handler(BaseHTTPRequestHandler):
             pass
         path = getattr(self, "path", None) or "-"  # unset when the request line did not parse
         self.log_access(path.split("?")[0], code, "-", "-")
+        self.server.life.report_request(generation_report("unmatched", code, None))
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.client_address[0], *args)
@@ -258,6 +265,7 @@ class Lifecycle(Protocol):
     def end_request(self) -> None: ...
     def count_connection(self, change: int) -> None: ...
     def keeps_idle_connections(self) -> bool: ...  # False: close each connection after its reply
+    def report_request(self, report: Dict[str, Any]) -> None: ...  # one finished request, for the metrics
 
 
 class Server(ThreadingHTTPServer):

@@ -1,23 +1,27 @@
 """The worker protocol shared by watchdog.py and its workers (see ../shared/DESIGN.md).
 
 Owns the exit codes, the environment variables a worker is started with, the sentinel file (created
-when ready, touched as a heartbeat, removed when a restart is due), the control pipe's reader, the
-zygote's fork loop, and the one exponential Backoff used by the supervisor and the zygote. Imports
-only the standard library: it is a leaf, and watchdog.py may import it.
+when ready, touched as a heartbeat, removed when a restart is due), the control channel (its
+messages, and WatchdogLink, the worker's end), the zygote's fork loop, and the one exponential
+Backoff used by the supervisor and the zygote. Imports only the standard library: it is a leaf, and
+watchdog.py may import it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import math
 import os
+import queue
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 log = logging.getLogger("gpt4all_api")
 
@@ -28,7 +32,7 @@ EXIT_ORPHANED = 4  # the watchdog went away
 
 # Environment variables set by watchdog.py for its workers.
 ENV_LISTEN_FD = "GPT4ALL_API_LISTEN_FD"  # fd of the inherited listening socket
-ENV_CONTROL_FD = "GPT4ALL_API_CONTROL_FD"  # read end of a pipe: b"A" = activate, EOF = watchdog gone
+ENV_CONTROL_FD = "GPT4ALL_API_CONTROL_FD"  # the worker's end of its control channel (below)
 ENV_SENTINEL = "GPT4ALL_API_SENTINEL"  # sentinel file: created when ready, touched as heartbeat
 ENV_ZYGOTE_FD = "GPT4ALL_API_ZYGOTE_FD"  # a unix socket: this process is the watchdog's zygote
 ENV_BACKGROUND = "GPT4ALL_API_BACKGROUND"  # "1": another worker is serving, load at idle priority
@@ -81,20 +85,139 @@ class Sentinel:
                 pass
 
 
+# --------------------------------------------------------------------------------------------
+# The control channel: a SOCK_SEQPACKET socket pair per worker, one message per packet, a kind
+# byte then its payload. EOF on the worker's side: the watchdog died, exit at once.
+# --------------------------------------------------------------------------------------------
+
+# watchdog -> worker
+MSG_ACTIVATE = b"A"  # start accepting on the socket
+MSG_GO = b"G"  # a generation slot is yours; payload: generations running on the box, yours included
+MSG_FULL = b"F"  # no slot and the box's queue is full: answer 503 queue_full
+MSG_RUNNING = b"N"  # payload: generations now running on the box (CPU threads are divided by it)
+MSG_CANCELLED = b"c"  # your cancel is done: the slot or the place in the queue is given up
+MSG_METRICS_TEXT = b"m"  # payload: the box's metrics in Prometheus' text format
+# worker -> watchdog
+MSG_STOPPED_ACCEPTING = b"S"  # a restart is due: leave the socket to another worker
+MSG_WANT_SLOT = b"W"  # a generation is ready to run: wait for MSG_GO (or MSG_FULL)
+MSG_DONE = b"D"  # the generation finished: its slot is free
+MSG_CANCEL = b"C"  # the client left while waiting for a slot
+MSG_REPORT = b"R"  # payload: JSON of one finished request (metrics.RequestReport's fields)
+MSG_METRICS = b"M"  # ask for MSG_METRICS_TEXT
+MSG_LOADED = b"L"  # payload: seconds the model took to load
+MAX_MESSAGE = 1 << 20
+
+
+def control_channel() -> Tuple[socket.socket, socket.socket]:
+    """(watchdog's end, worker's end), neither inheritable (pass_fds or SCM_RIGHTS hand it over)."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
 def read_control_pipe(fd: int, on_activate: Callable[[], None]) -> None:
-    """Run in a daemon thread: b"A" calls on_activate; EOF means the watchdog died: exit at once,
-    freeing the port and the model's memory."""
+    """Activation only (tests' fake worker): b"A" calls on_activate; EOF: exit at once."""
     while True:
         try:
-            data = os.read(fd, 1)
+            data = os.read(fd, MAX_MESSAGE)
         except InterruptedError:
             continue
         if not data:
-            log.warning("the watchdog is gone; exiting")
-            logging.shutdown()
-            os._exit(EXIT_ORPHANED)
-        if data == b"A":
+            orphaned()
+        if data[:1] == MSG_ACTIVATE:
             on_activate()
+
+
+def orphaned() -> None:
+    """The watchdog is gone: exit at once, freeing the port and the model's memory."""
+    log.warning("the watchdog is gone; exiting")
+    logging.shutdown()
+    os._exit(EXIT_ORPHANED)
+
+
+class SlotRefused(Exception):
+    """The box's queue is full (MSG_FULL)."""
+
+
+class WatchdogLink:
+    """The worker's end of its control channel: activation, generation slots, reports, metrics.
+
+    A reader thread dispatches what the watchdog sends; any thread may send. Slot requests come
+    one at a time (the engine holds its generation lock around them), metrics queries too.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.channel = socket.socket(fileno=fd)
+        self.on_activate: Callable[[], None] = lambda: None
+        self.on_running: Callable[[int], None] = lambda running: None
+        self.slot_answers: "queue.Queue[bytes]" = queue.Queue()
+        self.metrics_answers: "queue.Queue[bytes]" = queue.Queue()
+        self.query_lock = threading.Lock()
+
+    def start(self) -> None:
+        threading.Thread(target=self.read_messages, name="control-channel", daemon=True).start()
+
+    def read_messages(self) -> None:
+        while True:
+            try:
+                data = self.channel.recv(MAX_MESSAGE)
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                orphaned()
+            kind, payload = data[:1], data[1:]
+            if kind == MSG_ACTIVATE:
+                self.on_activate()
+            elif kind in (MSG_GO, MSG_FULL, MSG_CANCELLED):
+                self.slot_answers.put(data)
+                if kind == MSG_GO:
+                    self.on_running(int(payload or b"1"))
+            elif kind == MSG_RUNNING:
+                self.on_running(int(payload or b"1"))
+            elif kind == MSG_METRICS_TEXT:
+                self.metrics_answers.put(payload)
+
+    def send(self, kind: bytes, payload: bytes = b"") -> None:
+        try:
+            self.channel.send(kind + payload)
+        except OSError:
+            pass  # the watchdog is gone: the reader thread exits the process
+
+    def acquire_slot(self, still_wanted: Callable[[], bool]) -> int:
+        """Wait for a generation slot; return how many generations run on the box with ours, or 0
+        when still_wanted() turned False and the wait was given up. SlotRefused: the queue is full."""
+        self.send(MSG_WANT_SLOT)
+        while True:
+            try:
+                answer = self.slot_answers.get(timeout=0.2)
+            except queue.Empty:
+                if still_wanted():
+                    continue
+                self.send(MSG_CANCEL)
+                while self.slot_answers.get() != MSG_CANCELLED:
+                    pass  # a slot granted just before the cancel: given back by it
+                return 0
+            if answer[:1] == MSG_FULL:
+                raise SlotRefused()
+            if answer[:1] == MSG_GO:
+                return int(answer[1:] or b"1")
+
+    def release_slot(self) -> None:
+        self.send(MSG_DONE)
+
+    def report(self, fields: Dict[str, Any]) -> None:
+        self.send(MSG_REPORT, json.dumps(fields).encode())
+
+    def metrics_text(self, timeout: float = 5.0) -> Optional[bytes]:
+        """The box's metrics from the watchdog; None when it does not answer in time."""
+        with self.query_lock:
+            while not self.metrics_answers.empty():
+                self.metrics_answers.get_nowait()  # a late answer to a query that timed out
+            self.send(MSG_METRICS)
+            try:
+                return self.metrics_answers.get(timeout=timeout)
+            except queue.Empty:
+                return None
 
 
 class Backoff:
@@ -127,12 +250,13 @@ class Backoff:
 
 
 def serve_fork_requests(channel: socket.socket, run: Callable[[], int],
-                        every_half_second: Optional[Callable[[], Any]] = None) -> int:
-    """Say ready, then fork a worker running run() for each request, until the watchdog hangs up.
+                        every_half_second: Optional[Callable[[], Any]] = None, load_seconds: float = 0.0) -> int:
+    """Say ready (and how long the model took to load), then fork a worker running run() for each
+    request, until the watchdog hangs up.
 
-    The watchdog sends a sentinel path with three fds (listening socket, control pipe, output pipe)
-    and gets the worker's pid back."""
-    channel.sendall(b"ready")
+    The watchdog sends a sentinel path with three fds (listening socket, control channel, output
+    pipe) and gets the worker's pid back."""
+    channel.sendall(f"ready {load_seconds:.3f}".encode())
     channel.settimeout(0.5 if every_half_second else None)
     while True:
         try:

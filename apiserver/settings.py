@@ -31,6 +31,7 @@ class Settings:
     cors_origins: Tuple[str, ...] = ()
     socket_timeout: float = 30.0
     backlog: int = 128
+    metrics_public: bool = False
     # [model]
     model: str = DEFAULT_MODEL_NAME
     model_path: Path = Path("models")
@@ -63,6 +64,7 @@ class Settings:
     log_backup_count: int = 5
     # [watchdog]
     restart_after_requests: int = 1
+    workers: int = 1
     warm_spare: bool = True
     zygote: bool = True
     poll_interval: float = 0.05
@@ -150,6 +152,7 @@ CONFIG_KEYS = [
     ("server", "cors_origins", "cors_origins", comma_list),
     ("server", "socket_timeout", "socket_timeout", greater_than(float, 0)),
     ("server", "backlog", "backlog", at_least(int, 1)),
+    ("server", "metrics_public", "metrics_public", boolean),
     ("model", "model", "model", str),
     ("model", "model_path", "model_path", None),
     ("model", "allow_download", "allow_download", boolean),
@@ -177,6 +180,7 @@ CONFIG_KEYS = [
     ("logging", "log_max_bytes", "log_max_bytes", at_least(int, 1024)),
     ("logging", "log_backup_count", "log_backup_count", at_least(int)),
     ("watchdog", "restart_after_requests", "restart_after_requests", at_least(int)),
+    ("watchdog", "workers", "workers", at_least(int, 1)),
     ("watchdog", "warm_spare", "warm_spare", boolean),
     ("watchdog", "zygote", "zygote", boolean),
     ("watchdog", "poll_interval", "poll_interval", greater_than(float, 0)),

@@ -18,7 +18,7 @@ ALLOWED_IMPORTS: Dict[str, Set[str]] = {
     "protocol": set(),
     "cpu_share": {"settings", "protocol"},
     "model": {"settings", "cpu_share"},
-    "engine": {"settings", "cpu_share", "model"},
+    "engine": {"settings", "protocol", "cpu_share", "model"},
     "api": {"settings", "engine"},
     "fields": {"settings", "engine", "api"},
     "seed_api": {"settings", "engine", "api", "fields"},
@@ -29,8 +29,10 @@ ALLOWED_IMPORTS: Dict[str, Set[str]] = {
     "openai_fields": {"settings", "engine", "api", "fields", "tool_formats", "json_output", "chat"},
     "openai_api": {"settings", "engine", "api", "tool_formats", "chat", "openai_fields"},
     "ollama_api": {"settings", "engine", "api", "fields", "model_facts", "tool_formats", "json_output", "chat"},
-    "routes": {"settings", "api", "seed_api", "openai_api", "ollama_api"},
-    "http_server": {"engine", "api"},
+    "metrics": set(),
+    "metrics_api": {"settings", "api", "metrics"},
+    "routes": {"settings", "api", "seed_api", "openai_api", "ollama_api", "metrics_api"},
+    "http_server": {"engine", "api", "metrics"},
     "unavailable": set(),
 }
 
@@ -69,6 +71,6 @@ def test_importing_the_watchdog_loads_neither_gpt4all_nor_the_http_server():
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
                                            capture_output=True, text=True).stdout))
     ours = {name for name in loaded if name.startswith("apiserver.")}
-    assert ours == {"apiserver.settings", "apiserver.protocol", "apiserver.unavailable"}, ours
+    assert ours == {"apiserver.settings", "apiserver.protocol", "apiserver.unavailable", "apiserver.metrics"}, ours
     assert not {name for name in loaded if name.split(".")[0] in ("gpt4all", "gpt4all_api", "http")}, \
         sorted(name for name in loaded if name.split(".")[0] in ("gpt4all", "gpt4all_api", "http"))
