@@ -10,11 +10,12 @@ from typing import List, Optional
 
 import pytest
 
-from apiserver.protocol import EXIT_CANNOT_LOAD
+from apiserver.protocol import (EXIT_CANNOT_LOAD, MSG_CANCEL, MSG_CANCELLED, MSG_DONE, MSG_FULL, MSG_GO,
+                                MSG_METRICS, MSG_REPORT, MSG_RUNNING, MSG_STOPPED_ACCEPTING, MSG_WANT_SLOT)
 from apiserver.api import ApiError, error_reply
 from apiserver.settings import Settings
 from apiserver.unavailable import unavailable_reply
-from watchdog import State, Supervisor, describe_exit
+from watchdog import State, Supervisor, Worker, describe_exit
 
 
 class FakeProcess:
@@ -29,6 +30,14 @@ class FakeProcess:
         self.rss: Optional[float] = None
         self.lines = [f"fake worker {pid} says goodbye"]
         self.closed = False
+        self.told: List[bytes] = []  # control channel messages the watchdog sent it
+
+    def tell(self, kind: bytes, payload: bytes = b"") -> None:
+        self.told.append(kind + payload)
+
+    def say(self, kind: bytes, payload: bytes = b"") -> None:
+        """The worker sends a control channel message (the Supervisor set on_message)."""
+        self.on_message(kind, payload)
 
     def poll(self) -> Optional[int]:
         return self.returncode
@@ -472,3 +481,126 @@ def test_the_503_responder_survives_a_request_target_urlsplit_refuses() -> None:
         responder.selector.register(ours, selectors.EVENT_READ)
         responder.answer(client)
         assert theirs.recv(100).startswith(b"HTTP/1.1 503 ")
+
+
+# ------------------------------------------------------------------------------------------
+# Parallel workers: BUSY workers, the box's generation slots, the metrics.
+# ------------------------------------------------------------------------------------------
+
+
+def serving_workers(harness: Harness, count: int) -> List[FakeProcess]:
+    """Start until `count` workers are ACTIVE (and a spare READY)."""
+    for _ in range(count + 3):
+        harness.tick()
+        for process in harness.processes:
+            if process.mtime is None:
+                process.become_ready()
+        harness.tick()
+    active = [p for p in harness.processes if harness.state_of(p) is State.ACTIVE]
+    assert len(active) == count, [harness.state_of(p) for p in harness.processes]
+    return active
+
+
+def test_a_worker_whose_restart_is_due_is_busy_and_the_spare_takes_the_socket_at_once() -> None:
+    harness = Harness()
+    active = harness.serving()
+    spare = harness.processes[1]
+    active.say(MSG_STOPPED_ACCEPTING)
+    harness.tick()
+    assert harness.state_of(active) is State.BUSY and harness.state_of(spare) is State.ACTIVE and spare.activated
+    harness.tick()
+    assert len(harness.processes) == 3, "a new spare starts while the busy worker answers"
+    active.mtime = None  # answered
+    harness.tick()
+    assert harness.state_of(active) is State.RETIRING
+    assert harness.supervisor.restarts["planned"] == 1
+
+
+def test_without_warm_spare_a_busy_worker_is_replaced_once_it_has_gone() -> None:
+    harness = Harness(warm_spare=False)
+    harness.tick()
+    harness.processes[0].become_ready()
+    harness.tick()
+    harness.processes[0].say(MSG_STOPPED_ACCEPTING)
+    harness.tick()
+    assert len(harness.processes) == 1
+    harness.processes[0].mtime = None
+    harness.processes[0].returncode = 0
+    harness.tick()
+    assert len(harness.processes) == 2
+
+
+def test_workers_two_keeps_two_active_and_a_spare() -> None:
+    harness = Harness(workers=2)
+    active = serving_workers(harness, 2)
+    assert sum(harness.state_of(p) is State.READY for p in harness.processes) == 1
+    assert all(p.activated for p in active)
+
+
+def test_slots_go_to_the_first_workers_then_the_queue_in_order_then_full() -> None:
+    harness = Harness(workers=2, queue_size=1)
+    first, second = serving_workers(harness, 2)
+    first.say(MSG_WANT_SLOT)
+    second.say(MSG_WANT_SLOT)
+    assert first.told == [MSG_GO + b"1", MSG_RUNNING + b"2"] and second.told[-1] == MSG_GO + b"2"
+    third, fourth = FakeProcess(900), FakeProcess(901)
+    for process in (third, fourth):  # two more workers, each with a request taken
+        worker = Worker(process.pid, process, State.BUSY, started_at=harness.now)
+        harness.supervisor.workers.append(worker)
+        process.on_message = lambda kind, payload, worker=worker: harness.supervisor.message(worker, kind, payload)
+    third.say(MSG_WANT_SLOT)
+    fourth.say(MSG_WANT_SLOT)
+    assert third.told == [] and fourth.told == [MSG_FULL], "one may wait (queue_size = 1), the next is refused"
+    first.say(MSG_DONE)
+    assert third.told == [MSG_GO + b"2"], "the slot passes to the first in line"
+    second.say(MSG_DONE)
+    assert third.told[-1] == MSG_RUNNING + b"1", "the one left running may use every free core"
+
+
+def test_a_cancelled_wait_or_a_dead_worker_gives_its_slot_back() -> None:
+    harness = Harness(workers=1)
+    first = serving_workers(harness, 1)[0]
+    spare = next(p for p in harness.processes if harness.state_of(p) is State.READY)
+    first.say(MSG_WANT_SLOT)
+    spare.say(MSG_WANT_SLOT)
+    assert MSG_GO not in [message[:1] for message in spare.told], "one slot, taken: it waits"
+    spare.say(MSG_CANCEL)
+    assert spare.told[-1] == MSG_CANCELLED and not harness.supervisor.waiting
+    spare.say(MSG_WANT_SLOT)
+    first.returncode = -9  # killed while generating
+    harness.tick()
+    assert spare.told[-1] == MSG_GO + b"1", "the dead worker's slot goes to the next in line"
+    assert harness.supervisor.crashes == 1 and harness.supervisor.restarts["crash"] == 1
+
+
+def test_metrics_count_reports_and_restarts_and_survive_the_workers() -> None:
+    harness = Harness()
+    active = harness.serving()
+    for _ in range(3):
+        active.say(MSG_REPORT, json.dumps({"route": "/v1/chat/completions", "status": 200, "seconds": 0.5,
+                                           "prompt_tokens": 7, "completion_tokens": 5,
+                                           "first_token_seconds": 0.1, "tokens_per_second": 30.0}).encode())
+    active.say(MSG_REPORT, b"not json")
+    active.say(MSG_REPORT, b'["not", "a", "dict"]')
+    active.mtime = None
+    harness.tick()
+    active.returncode = 0
+    harness.tick()
+    spare = harness.processes[1]
+    spare.say(MSG_METRICS)
+    text = spare.told[-1][1:].decode()
+    assert 'gpt4all_api_requests_total{route="/v1/chat/completions",status="200"} 3' in text
+    assert "gpt4all_api_generated_tokens_total 15" in text and "gpt4all_api_prompt_tokens_total 21" in text
+    assert 'gpt4all_api_restarts_total{cause="planned"} 1' in text
+
+
+def test_reload_and_memory_are_restart_causes() -> None:
+    harness = Harness(max_rss_mb=100)
+    active = harness.serving()
+    active.rss = 500
+    harness.tick()
+    harness.tick()
+    assert harness.supervisor.restarts["memory"] == 1
+    harness.supervisor.reload(harness.supervisor.settings, harness.now)
+    harness.tick()
+    assert harness.supervisor.restarts["reload"] >= 1
