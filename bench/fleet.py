@@ -6,8 +6,9 @@ workers   through watchdog.py (restart after every request, the defaults), `work
           `workers = 1` in the same run: aggregate tokens/s of four concurrent clients, and the
           latency of one client alone (the lone worker must take every free core).
 metrics   GET /metrics latency (median, p99) while a generation runs, `workers = 1`.
-nginx     with nginx installed: the README's nginx configuration in front of two watchdogs, against
-          going direct to one of them: time to first streamed token and total latency.
+nginx     with nginx installed: the README's nginx configuration in front of one watchdog (both
+          upstream lines point at it, so both ways meet the same box in the same state), against
+          going direct, taking turns: time to first streamed token and total latency.
 
 Results are printed and written to bench/results/.
 """
@@ -129,12 +130,12 @@ def bench_nginx(workdir: Path, rounds: int) -> dict:
     if binary is None:
         return {"skipped": "nginx is not installed"}
     with contextlib.ExitStack() as stack:
-        boxes = [stack.enter_context(watchdog_with(workdir, f"box{index}", {})) for index in range(2)]
+        box = stack.enter_context(watchdog_with(workdir, "box", {}))
         listen = free_port()
         tmp = workdir / "nginx"
         tmp.mkdir()
         conf = tmp / "nginx.conf"
-        conf.write_text(nginx_config([box.port for box in boxes], listen, tmp))
+        conf.write_text(nginx_config([box.port, box.port], listen, tmp))
         server = subprocess.Popen([binary, "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         stack.callback(lambda: (server.terminate(), server.wait()))
@@ -143,7 +144,7 @@ def bench_nginx(workdir: Path, rounds: int) -> dict:
         direct_first, direct_total, nginx_first, nginx_total = [], [], [], []
         for _ in range(rounds):
             for prompt in PROMPTS:
-                for base_url, firsts, totals in ((boxes[0].base_url, direct_first, direct_total),
+                for base_url, firsts, totals in ((box.base_url, direct_first, direct_total),
                                                  (through, nginx_first, nginx_total)):
                     started = time.monotonic()
                     first, _, _ = stream_chat(base_url, prompt)
