@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from apiserver.cpu_share import CpuShare, watch_cpu_share
 from apiserver.engine import ModelRunner
@@ -35,6 +35,8 @@ from apiserver.http_server import Server, serve_until_stopped
 from apiserver.metrics import Box, Totals, accept_queue_length, render
 from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model, warm_up
 from apiserver.model_facts import gguf_header
+from apiserver.pages import Ranges, populate, probe_written_pages
+from apiserver.prefix import Prefix, evaluate_prefix, pre_warm
 from apiserver.protocol import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD,
                                 EXIT_CANNOT_LOAD, EXIT_OK, HEARTBEAT_EVERY, MSG_LOADED, MSG_STOPPED_ACCEPTING,
                                 Sentinel, WatchdogLink, serve_fork_requests, set_process_name)
@@ -46,7 +48,15 @@ log = logging.getLogger("gpt4all_api")
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "config.ini"
 
-Preloaded = Tuple[Any, ChatTemplate, Optional[CpuShare]]  # the zygote's model, template and CPU share
+
+
+class Preloaded(NamedTuple):
+    """What the zygote hands each worker it forks."""
+    model: Any
+    template: ChatTemplate
+    cpu_share: Optional[CpuShare]
+    prefix: Optional[Prefix]  # the system prompt, evaluated
+    written_pages: Ranges  # what a generation writes: copied before the worker is ready
 
 
 def lower_this_thread_priority() -> None:
@@ -79,14 +89,17 @@ class ModelLoader(threading.Thread):
         try:
             started = time.monotonic()
             if self.preloaded:
-                model, template, cpu_share = self.preloaded
-                how = "forked from the zygote, which loaded"
+                model, template, cpu_share, prefix, written_pages = self.preloaded
+                copied = populate(written_pages)  # the first request would copy them, slower
+                how = (f"forked from the zygote (pre-warmed: {copied / 2**20:.0f} MiB copied in "
+                       f"{(time.monotonic() - started) * 1000:.0f} ms), which loaded")
             else:
                 model = load_model(settings)
                 template, cpu_share = choose_template(settings, settings.model_file), watch_cpu_share(settings)
                 self.load_seconds = time.monotonic() - started
+                prefix = evaluate_prefix(model, settings, template)
                 how = f"loaded in {self.load_seconds:.2f}s:"
-            self.runner = ModelRunner(model, settings, template, self.heartbeat.touch, cpu_share)
+            self.runner = ModelRunner(model, settings, template, self.heartbeat.touch, cpu_share, prefix)
             log.info("%s model %s (template %s, n_ctx %d)", how, settings.model_id, template.name, settings.n_ctx)
         except CannotLoad as error:
             self.error = str(error)
@@ -275,12 +288,14 @@ def run_zygote(settings: Settings) -> int:
     load_seconds = time.monotonic() - started
     warm_up(model, settings)
     template = choose_template(settings, settings.model_file)
+    prefix = evaluate_prefix(model, settings, template)  # every forked worker starts with it evaluated
+    written_pages = probe_written_pages(lambda: pre_warm(model, settings, template, prefix))
     stat = settings.model_file.stat()
     gguf_header(str(settings.model_file), stat.st_size, stat.st_mtime_ns)  # read once; the workers inherit it
     # Keep reading the CPU load, so that a forked worker starts with the thread count it needs.
     cpu_share = watch_cpu_share(settings)
     log.info("zygote: model %s loaded, pid %d", settings.model_id, os.getpid())
-    return serve_fork_requests(channel, lambda: WorkerLife(settings, preloaded=(model, template, cpu_share)).run(),
+    return serve_fork_requests(channel, lambda: WorkerLife(settings, preloaded=Preloaded(model, template, cpu_share, prefix, written_pages)).run(),
                                every_half_second=cpu_share.update if cpu_share else None, load_seconds=load_seconds)
 
 

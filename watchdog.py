@@ -526,13 +526,14 @@ class Supervisor:
         self.tell_running(but=worker)
 
     def free_slot(self, worker: Worker) -> None:
-        """Its generation ended (or it gave up waiting, or died): the next in line gets the slot."""
+        """Its generation ended (or it gave up waiting, or died): the next in line gets the slot
+        (grant() tells the others the new count), or the others learn that fewer run."""
         if worker in self.waiting:
             self.waiting.remove(worker)
         if worker not in self.running:
             return
         self.running.remove(worker)
-        if self.waiting and len(self.running) < self.settings.workers:
+        if self.waiting and len(self.running) < self.settings.workers:  # (workers may have shrunk: SIGHUP)
             self.grant(self.waiting.popleft())
         else:
             self.tell_running()

@@ -4,7 +4,9 @@ Owns GenerationParams, Completion, StopScanner and ModelRunner, the one place th
 Under the watchdog each generation also waits for one of the box's slots (a SlotGate: the worker's
 WatchdogLink), and the free cores are divided by the generations running on the box. It knows
 nothing of HTTP: it raises its own errors (QueueFull, PromptTooLong, PromptNotUnicode, ClientGone)
-and api.py gives each its status. Imports settings, protocol (SlotRefused), cpu_share and model only.
+and api.py gives each its status. A prompt that begins with the configured system prompt's turn,
+already evaluated (prefix.py), evaluates only the rest. Imports settings, protocol (SlotRefused),
+cpu_share, model and prefix only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import time
 from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Tuple
 
 from apiserver.cpu_share import CpuShare
-from apiserver.model import ChatTemplate
+from apiserver.model import PROMPT_AS_IS, ChatTemplate
+from apiserver.prefix import Prefix, evaluate_prefix
 from apiserver.protocol import SlotRefused
 from apiserver.settings import Settings
 
@@ -71,6 +74,7 @@ class Completion:
     queue_seconds: float
     prompt_seconds: float
     generation_seconds: float
+    cached_tokens: int = 0  # prompt tokens already evaluated (the configured system prompt's turn)
 
     def usage(self) -> Dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -147,6 +151,7 @@ class Generation:
         self.deadline = self.started + runner.settings.max_seconds
         self.scanner = StopScanner(params.stop, closer)
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # of prompt_tokens, those the evaluated prefix spared
         self.tokens = 0
         self.first_token_at: Optional[float] = None
         self.finish: Optional[str] = None  # stop, length, timeout
@@ -199,6 +204,7 @@ class Generation:
         first_token = self.first_token_at or finished
         return Completion(text=self.scanner.text, finish_reason=self.finish or "stop",
                           prompt_tokens=self.prompt_tokens, completion_tokens=self.tokens,
+                          cached_tokens=self.cached_tokens,
                           queue_seconds=self.started - queued, prompt_seconds=first_token - self.started,
                           generation_seconds=finished - first_token)
 
@@ -207,7 +213,7 @@ class ModelRunner:
     """Owns the model: one generation at a time, at most queue_size waiting, limits through the callback."""
 
     def __init__(self, model: Any, settings: Settings, template: ChatTemplate, heartbeat: Callable[[], None],
-                 cpu_share: Optional[CpuShare] = None):
+                 cpu_share: Optional[CpuShare] = None, prefix: Optional[Prefix] = None):
         self.model, self.settings, self.template, self.heartbeat = model, settings, template, heartbeat
         self._generation = threading.Lock()
         self._counters = threading.Lock()
@@ -218,6 +224,9 @@ class ModelRunner:
         self.threads = model.model.thread_count()
         self.gate: Optional[SlotGate] = None  # under the watchdog: the box's slots
         self.running_on_box = 1  # generations running on the box: the free cores are divided by it
+        self.prefix = prefix  # the system prompt's turn, evaluated into the model's context
+        self.prefix_intact = prefix is not None  # False once a generation from an empty context overwrote it
+        self.prefix_hits = 0
 
     def set_running_on_box(self, running: int) -> None:
         """The watchdog says how many generations run now; the next token uses the new share."""
@@ -301,19 +310,45 @@ class ModelRunner:
             raise ClientGone()
         self.set_running_on_box(running)
 
+    def continue_after_prefix(self, prompt: str) -> Optional[str]:
+        """The rest of prompt after the evaluated prefix, the context set back to the prefix's end;
+        None: evaluate the whole prompt from an empty context."""
+        prefix = self.prefix
+        if prefix is None or not prompt.startswith(prefix.text) or len(prompt) == len(prefix.text):
+            return None
+        if not self.prefix_intact:  # a request from an empty context overwrote it: evaluate it again
+            self.prefix = evaluate_prefix(self.model, self.settings, self.template)
+            self.prefix_intact = self.prefix is not None
+            if self.prefix is None or self.prefix.text != prefix.text:
+                return None
+        self.model.model.context.n_past = self.prefix.n_past
+        self.prefix_hits += 1
+        return prompt[len(prefix.text):]
+
     def _run(self, prompt: str, generation: Generation, queued: float) -> Completion:
         # gpt4all 2.8.2: GPT4All.generate() tokenizes with special=False, which spells the template's
         # markers out as text; the low-level prompt_model() parses them as the special tokens they are.
         # _prompt_callback is called once per prompt token.
         params = generation.params
+        rest = self.continue_after_prefix(prompt)
+        if rest is None:
+            self.prefix_intact = False  # evaluated from position 0: the prefix's tokens are overwritten
+        else:
+            generation.prompt_tokens = generation.cached_tokens = self.prefix.n_past  # usage: the whole prompt
         self.model.model._prompt_callback = generation.on_prompt_token
         self.adapt_threads()
         if self.cpu_share is not None:
             self.cpu_share.begin_generation()
-        self.model.model.prompt_model(
-            prompt, "%1", generation.on_token, n_predict=params.max_tokens, temp=params.temperature,
-            top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, repeat_penalty=params.repeat_penalty,
-            repeat_last_n=params.repeat_last_n, n_batch=self.settings.n_batch, reset_context=True, special=True)
+        try:
+            self.model.model.prompt_model(
+                prompt if rest is None else rest, PROMPT_AS_IS, generation.on_token, n_predict=params.max_tokens,
+                temp=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+                repeat_penalty=params.repeat_penalty, repeat_last_n=params.repeat_last_n,
+                n_batch=self.settings.n_batch, reset_context=rest is None, special=True)
+        finally:
+            if rest is not None and (generation.error is not None or
+                                     generation.prompt_tokens + generation.tokens >= self.settings.n_ctx - 1):
+                self.prefix_intact = False  # gpt4all may have shifted the context to go on
         completion = generation.result(queued)
         self.completed += 1
         return completion

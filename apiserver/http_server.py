@@ -296,7 +296,7 @@ def serve_until_stopped(server: Server, idle_tick: Callable[[], None]) -> None:
     poller = select.poll()
     poller.register(server.socket, select.POLLIN)
     while not life.stop_accepting:
-        if poller.poll(100):
+        if poller.poll(100) and not life.stop_accepting:  # SIGTERM while it waited: leave it to the successor
             try:
                 connection, address = server.get_request()
             except OSError:  # BlockingIOError when another worker took it first

@@ -242,7 +242,13 @@ def load_model(settings: Settings) -> Any:
     return model
 
 
+# The prompt template for prompt_model(): the prompt as is. Two placeholders, so that nothing follows the
+# reply: with "%1" alone gpt4all 2.8.2 evaluates "\n\n" after it (its default assistant suffix), which
+# costs a token's evaluation after every answer and would sit between a cached prefix and the rest.
+PROMPT_AS_IS = "%1%2"
+
+
 def warm_up(model: Any, settings: Settings) -> None:
     """One tiny generation in the zygote, so the buffers its forked workers write into already exist."""
-    model.model.prompt_model("Hello, how are you today? Answer in one word.", "%1", lambda token_id, piece: False,
+    model.model.prompt_model("Hello, how are you today? Answer in one word.", PROMPT_AS_IS, lambda token_id, piece: False,
                              n_predict=1, n_batch=settings.n_batch, reset_context=True, special=True)

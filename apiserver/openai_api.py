@@ -17,7 +17,7 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional
 
 from apiserver.api import App, Reply, Request, Route, as_api_error, error_reply, json_reply
-from apiserver.engine import ClientGone
+from apiserver.engine import ClientGone, Completion
 from apiserver.chat import StreamedAnswer, answer_once
 from apiserver.openai_fields import OpenAIRequest, parse_chat_request, parse_completion_request, system_fingerprint
 from apiserver.settings import Settings
@@ -65,11 +65,10 @@ def openai_completion(app: App, request: Request, oai: OpenAIRequest) -> Reply:
         reply = Reply(200, dict(SSE_HEADERS))
         reply.stream = EventStream(app, request, oai, head, reply)
         return reply
-    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    choices, usage = [], new_usage()
     for index in range(oai.n):
         answer = answer_once(app, request, oai.chat)
-        for key, value in answer.completion.usage().items():
-            usage[key] += value
+        add_usage(usage, answer.completion)
         if not oai.is_chat:
             choices.append({"index": index, "text": answer.text, "logprobs": None, "finish_reason": answer.finish})
             continue
@@ -80,6 +79,17 @@ def openai_completion(app: App, request: Request, oai: OpenAIRequest) -> Reply:
     reply = json_reply(200, {**head, "choices": choices, "usage": usage})
     reply.usage = usage
     return reply
+
+
+def new_usage() -> Dict[str, Any]:
+    return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def add_usage(usage: Dict[str, Any], completion: Completion) -> None:
+    """Sum a completion into usage; cached_tokens: its prompt tokens the evaluated system prompt spared."""
+    for key, value in completion.usage().items():
+        usage[key] += value
+    usage["prompt_tokens_details"]["cached_tokens"] += completion.cached_tokens
 
 
 class EventStream:
@@ -99,7 +109,7 @@ class EventStream:
     def __call__(self, emit: Callable[[bytes], None]) -> None:
         self.emit = emit
         chat, oai = self.chat, self.oai
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        usage = new_usage()
         try:
             for self.index in range(oai.n):
                 answer, rest = StreamedAnswer(chat, lambda text: self.send_choice(text, None)).run(
@@ -110,8 +120,7 @@ class EventStream:
                 for number, call in enumerate(answer.calls):
                     self.send_delta({"tool_calls": [tool_call_object(call, number)]})
                 self.send_choice(None if oai.is_chat else "", answer.finish)
-                for key, value in completion.usage().items():
-                    usage[key] += value
+                add_usage(usage, completion)
             if oai.include_usage:
                 self.send([], usage=usage)
             emit(b"data: [DONE]\n\n")

@@ -1,6 +1,6 @@
 """Benchmarks: the server and the watchdog against raw gpt4all, measured in the same run.
 
-    python bench/bench.py [server|watchdog|stream|ollama|tools|busy|all] [--rounds N]
+    python bench/bench.py [server|watchdog|stream|ollama|tools|prefix|busy|all] [--rounds N]
 
 server    raw in-process generate() vs POST /gpt4all_api on the same prompts (temperature 0, same
           token counts): median latency ratio; /health p99 during a generation; start-to-ready vs
@@ -14,6 +14,10 @@ stream    time to first token and tokens/s of a streamed /v1/chat/completions vs
 ollama    the same as stream, through Ollama's streamed /api/chat (NDJSON).
 tools     tool-call answers through the server vs the same prompt through raw gpt4all, and the share of
           20 weather prompts that come back as valid tool_calls.
+prefix    a 300-token configured system prompt (evaluated once, in the zygote) and a short question:
+          time to first token through the watchdog (restart after every request) vs raw gpt4all
+          evaluating the whole prompt; and the streamed tokens/s of a generation while the next
+          spare is forked and pre-warmed beside it (warm_spare) vs with no spare made meanwhile.
 busy      the server beside one busy program (another session, one core): n_threads = 0, which
           leaves that core alone, vs n_threads = every core; both against the idle machine
           (at most 2 passes: the fixed count can take tens of seconds per request).
@@ -105,7 +109,7 @@ class RawModel:
         # generate() without a chat session, but with the template's markers parsed as special tokens,
         # as the server sends them (GPT4All.generate() itself would spell them out as text)
         self.model.model.prompt_model(
-            rendered or chatml(prompt), "%1", callback, n_predict=MAX_TOKENS, temp=0.0, top_k=s.top_k, top_p=s.top_p,
+            rendered or chatml(prompt), "%1%2", callback, n_predict=MAX_TOKENS, temp=0.0, top_k=s.top_k, top_p=s.top_p,
             min_p=s.min_p, repeat_penalty=s.repeat_penalty, repeat_last_n=s.repeat_last_n, n_batch=s.n_batch,
             reset_context=True, special=True)
         text = "".join(pieces)
@@ -356,6 +360,89 @@ def bench_tools(workdir: Path, rounds: int) -> dict:
             "valid_tool_calls": f"{valid} of {len(TOOL_PROMPTS)}"}
 
 
+LONG_PERSONA = " ".join([
+    "You are Ada, the quartermaster of the research ship Meridian.",
+    "The ship carries twelve crew: the captain, two mates, three scientists, two engineers, a cook,",
+    "a medic, a radio officer and you. It sails from Lisbon to Reykjavik by way of the Azores and the",
+    "Faroe Islands, a voyage of twenty-three days. The stores hold four thousand litres of fresh water,",
+    "nine hundred kilograms of dry food, two hundred kilograms of frozen food, sixty litres of olive oil,",
+    "thirty kilograms of coffee, spare parts for the two diesel generators, three spare propeller blades,",
+    "a desalination unit that makes six hundred litres a day, a medical cabinet for twelve people for",
+    "forty days, and the scientific cargo: two hundred sample jars, four plankton nets, a CTD probe and",
+    "six weather balloons. You answer questions about the stores, the crew and the route. You are",
+    "precise and brief. You give quantities in metric units. You never invent cargo that is not on this",
+    "list, and when you do not know an answer you say so and name the crew member who would know it.",
+    "Fuel: ninety thousand litres of marine diesel, enough for thirty days at cruising speed.",
+])
+
+
+def streamed_first_token(base_url: str, system: str, question: str):
+    host, port = base_url.split("//")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    body = json.dumps({"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                       "temperature": 0, "max_tokens": 8, "stream": True})
+    started = time.monotonic()
+    connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    first = None
+    for line in response:
+        if first is None and line.startswith(b"data: {") and b'"content"' in line:
+            first = time.monotonic() - started
+    connection.close()
+    return first
+
+
+def bench_prefix(workdir: Path, rounds: int) -> dict:
+    questions = ["How much water is on board?", "Who would know about the generators?",
+                 "How long is the voyage?", "What scientific cargo do we carry?"]
+    config = write_config(workdir / "prefix", {"model": {"system_prompt": LONG_PERSONA}})
+    settings = load_settings(config)
+    template = TEMPLATES["chatml"]
+    raw = RawModel(settings)
+    raw_first, server_first = [], []
+    watchdog = Process("watchdog.py", config)
+    try:
+        watchdog.wait_ready()
+        time.sleep(3)
+        _, _, body = request(watchdog.base_url, "POST", "/v1/chat/completions",
+                             {"messages": [{"role": "system", "content": LONG_PERSONA},
+                                           {"role": "user", "content": questions[0]}], "max_tokens": 1})
+        usage = json.loads(body)["usage"]
+        prompt_tokens, cached_tokens = usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]
+        for _ in range(rounds):
+            for question in questions:
+                rendered = template.render([{"role": "system", "content": LONG_PERSONA},
+                                            {"role": "user", "content": question}])
+                raw_first.append(raw.generate(question, rendered)[3])
+                server_first.append(streamed_first_token(watchdog.base_url, LONG_PERSONA, question))
+    finally:
+        watchdog.stop()
+    del raw
+    with_spare = median_stream_speed(workdir, "spare_on", {}, rounds)
+    without_spare = median_stream_speed(workdir, "spare_off", {"watchdog": {"warm_spare": "false"}}, rounds)
+    return {"prompt_tokens": prompt_tokens, "cached_tokens": cached_tokens, "raw_first_token_ms": median(raw_first) * 1000,
+            "server_first_token_ms": median(server_first) * 1000,
+            "first_token_ratio": median(server_first) / median(raw_first),
+            "tokens_per_s_while_a_spare_is_made": with_spare, "tokens_per_s_no_spare_made": without_spare,
+            "spare_vs_no_spare": with_spare / without_spare}
+
+
+def median_stream_speed(workdir: Path, name: str, overrides: dict, rounds: int) -> float:
+    """Streamed tokens/s through the watchdog, restart after every request (a spare is forked and
+    pre-warmed during each generation when warm_spare is on)."""
+    watchdog = Process("watchdog.py", write_config(workdir / name, overrides))
+    speeds = []
+    try:
+        watchdog.wait_ready()
+        time.sleep(3)
+        for _ in range(rounds):
+            for prompt in PROMPTS:
+                speeds.append(stream_chat(watchdog.base_url, prompt)[1])
+    finally:
+        watchdog.stop()
+    return median(speeds)
+
+
 def bench_busy(workdir: Path, rounds: int) -> dict:
     rounds = min(rounds, 2)
     every_core = {"model": {"n_threads": len(os.sched_getaffinity(0))}}
@@ -368,11 +455,11 @@ def bench_busy(workdir: Path, rounds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "stream", "ollama", "busy", "tools", "all"])
+    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "stream", "ollama", "busy", "tools", "prefix", "all"])
     parser.add_argument("--rounds", type=int, default=5, help="passes over the prompts (default %(default)s)")
     arguments = parser.parse_args()
     benches = {"server": bench_server, "watchdog": bench_watchdog, "stream": bench_stream, "busy": bench_busy,
-               "tools": bench_tools, "ollama": bench_ollama}
+               "tools": bench_tools, "ollama": bench_ollama, "prefix": bench_prefix}
     chosen = list(benches) if arguments.which == "all" else [arguments.which]
     results = {"cpu_count": os.cpu_count(), "max_tokens": MAX_TOKENS, "rounds": arguments.rounds}
     with tempfile.TemporaryDirectory() as workdir:

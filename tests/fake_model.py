@@ -6,12 +6,14 @@ whitespace word here), then hands the scripted answer pieces to callback(token_i
 returns False or max_tokens pieces are out, and returns the text handed out. A prompt larger than
 n_ctx words gets gpt4all's error text through callback(-1, ...) instead, and that text is returned.
 A prompt that is not encodable as UTF-8 raises UnicodeEncodeError, as gpt4all's prompt.encode() does.
+Its context counts the words evaluated (context.n_past): reset_context=False continues from there.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import types
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 CONTEXT_ERROR_TEXT = "ERROR: The prompt size exceeds the context window size and cannot be processed."
@@ -24,6 +26,7 @@ class FakeLLModel:
         self.owner = owner
         self.special: Optional[bool] = None
         self.threads = 2
+        self.context = types.SimpleNamespace(n_past=0)  # what gpt4all's LLModelPromptContext holds
 
     def thread_count(self) -> int:
         return self.threads
@@ -39,11 +42,15 @@ class FakeLLModel:
                      n_predict: int = 4096, top_k: int = 40, top_p: float = 0.9, min_p: float = 0.0,
                      temp: float = 0.1, n_batch: int = 8, repeat_penalty: float = 1.2, repeat_last_n: int = 10,
                      context_erase: float = 0.75, reset_context: bool = False, special: bool = False) -> None:
-        assert prompt_template == "%1" and reset_context, "the runner must send the prompt as is, on a fresh context"
+        assert prompt_template == "%1%2", "the runner must send the prompt as is, nothing after the reply"
+        assert reset_context or self.context.n_past > 0, "continuing a context needs tokens in it"
+        if reset_context:
+            self.context.n_past = 0
         self.special = special
         self.owner.generate(prompt, max_tokens=n_predict, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, n_batch=n_batch,
-                            callback=callback)
+                            callback=callback, reset_context=reset_context)
+        self.context.n_past += len(prompt.split())
 
 
 class FakeModel:
@@ -61,10 +68,11 @@ class FakeModel:
 
     def generate(self, prompt: str, *, max_tokens: int = 200, temp: float = 0.7, top_k: int = 40,
                  top_p: float = 0.4, min_p: float = 0.0, repeat_penalty: float = 1.18, repeat_last_n: int = 64,
-                 n_batch: int = 8, callback: Callable[[int, str], bool] = lambda token_id, piece: True) -> str:
+                 n_batch: int = 8, callback: Callable[[int, str], bool] = lambda token_id, piece: True,
+                 reset_context: bool = True) -> str:
         self.calls.append({"prompt": prompt, "max_tokens": max_tokens, "temp": temp, "top_k": top_k,
                            "top_p": top_p, "min_p": min_p, "repeat_penalty": repeat_penalty,
-                           "repeat_last_n": repeat_last_n, "n_batch": n_batch})
+                           "repeat_last_n": repeat_last_n, "n_batch": n_batch, "reset_context": reset_context})
         self.started.set()
         prompt.encode()  # as gpt4all's prompt_model() does before calling llmodel_prompt
         if self.gate is not None and not self.gate.wait(timeout=10):

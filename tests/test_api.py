@@ -291,11 +291,11 @@ def test_sampling_fields_reach_the_model_and_temp_is_an_alias(settings):
     dispatch(app, make_request(body={"prompt": "hi"}))
     sent = [{key: value for key, value in call.items() if key != "prompt"} for call in model.calls]
     assert sent[0] == {"max_tokens": 9, "temp": 0.2, "top_k": 5, "top_p": 0.5, "min_p": 0.1, "repeat_penalty": 1.3,
-                       "repeat_last_n": 7, "n_batch": settings.n_batch}
+                       "repeat_last_n": 7, "n_batch": settings.n_batch, "reset_context": True}
     assert sent[1]["temp"] == 1.5
     assert sent[2] == {"max_tokens": settings.max_tokens, "temp": settings.temperature, "top_k": settings.top_k,
                        "top_p": settings.top_p, "min_p": settings.min_p, "repeat_penalty": settings.repeat_penalty,
-                       "repeat_last_n": settings.repeat_last_n, "n_batch": settings.n_batch}
+                       "repeat_last_n": settings.repeat_last_n, "n_batch": settings.n_batch, "reset_context": True}
 
 
 def test_max_tokens_is_capped_at_the_limit(settings):

@@ -34,7 +34,7 @@ def test_chat_completion_shape(settings):
                                     "logprobs": None, "finish_reason": "stop"}]
     prompt_words = len(chatml("Hi", "Be brief.").split())
     assert document["usage"] == {"prompt_tokens": prompt_words, "completion_tokens": 2,
-                                 "total_tokens": prompt_words + 2}
+                                 "total_tokens": prompt_words + 2, "prompt_tokens_details": {"cached_tokens": 0}}
     assert model.calls[0]["prompt"] == chatml("Hi", "Be brief.")
     assert model.calls[0]["max_tokens"] == 10
 
