@@ -74,6 +74,8 @@ HERE = Path(__file__).resolve().parent
 # Files in state_dir, named for the port (state_file()).
 LOCK_FILE, WORKER_SENTINEL, ZYGOTE_SENTINEL = "watchdog-{port}.lock", "worker-{port}-{serial}.sentinel", \
     "zygote-{port}.sentinel"
+# The metrics' route label of the 503s the watchdog answers itself while no worker can serve.
+UNAVAILABLE_ROUTE = "(watchdog: no worker can serve)"
 # Settings that belong to the socket or the lock: a SIGHUP cannot change them.
 RESTART_ONLY_SETTINGS = ("host", "port", "backlog", "state_dir")
 
@@ -839,6 +841,8 @@ class Watchdog:
         self.supervisor = Supervisor(settings, self.spawn_worker)
         self.supervisor.backlog = lambda: accept_queue_length(listener)
         self.responder = UnavailableResponder(self.selector)
+        # Its 503s count in the metrics too, under a route label of their own.
+        self.responder.on_answer = lambda: self.supervisor.totals.add({"route": UNAVAILABLE_ROUTE, "status": 503})
         self.zygote = self.make_zygote(settings)
         self.next_stray_check = 0.0
 

@@ -63,6 +63,7 @@ class UnavailableResponder:
         self.retry_at = 0.0
         self.clients: Dict[socket.socket, Client] = {}
         self.answered = 0
+        self.on_answer: Callable[[], None] = lambda: None  # each 503 sent (the watchdog counts it)
 
     def update(self, listener: socket.socket, unavailable: Optional[Tuple[str, float]]) -> None:
         """Call once per loop, before select(): accept while unavailable is (reason, retry_in)."""
@@ -128,6 +129,7 @@ class UnavailableResponder:
             self.close(client)
             return
         self.answered += 1
+        self.on_answer()
         client.answered, client.deadline = True, self.clock() + DRAIN_SECONDS
 
     def close(self, client: Client) -> None:

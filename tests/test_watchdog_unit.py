@@ -604,3 +604,30 @@ def test_reload_and_memory_are_restart_causes() -> None:
     harness.supervisor.reload(harness.supervisor.settings, harness.now)
     harness.tick()
     assert harness.supervisor.restarts["reload"] >= 1
+
+
+def test_the_watchdogs_own_503s_count_in_the_metrics() -> None:
+    import selectors
+    import socket
+
+    from watchdog import UNAVAILABLE_ROUTE
+    from apiserver.unavailable import UnavailableResponder
+
+    harness = Harness()
+    selector = selectors.DefaultSelector()
+    responder = UnavailableResponder(selector)
+    responder.on_answer = lambda: harness.supervisor.totals.add({"route": UNAVAILABLE_ROUTE, "status": 503})
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        responder.update(listener, ("model file missing", 30.0))
+        with socket.create_connection(listener.getsockname()) as client:
+            client.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            client.settimeout(5)
+            for _ in range(20):
+                for key, _ in selector.select(0.1):
+                    key.data()
+                if responder.answered:
+                    break
+            assert client.recv(100).startswith(b"HTTP/1.1 503")
+    selector.close()
+    assert harness.supervisor.totals.requests[(UNAVAILABLE_ROUTE, "503")] == 1
