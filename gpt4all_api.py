@@ -123,7 +123,6 @@ class WorkerLife:
         # this process keeps its own metrics.
         self.link = WatchdogLink(int(os.environ[ENV_CONTROL_FD])) if self.worker else None
         self.totals = Totals()
-        self.started_wall = time.time()
         path = os.environ.get(ENV_SENTINEL)
         self.sentinel = Sentinel(Path(path) if self.worker and path else None)
         self.stop_accepting = False  # set by SIGTERM, or when the restart after N requests is due
@@ -157,7 +156,7 @@ class WorkerLife:
             return None if text is None else text.decode("utf-8", "replace")
         runner = self.app.runner
         return render(self.totals, Box(
-            model=self.settings.model_id, started_wall=self.started_wall, workers={"active": 1}, restarts={},
+            model=self.settings.model_id, started_wall=self.app.started_wall, workers={"active": 1}, restarts={},
             running=int(bool(runner and runner.busy)), waiting=runner.waiting if runner else 0,
             backlog=accept_queue_length(self.server_socket) if self.server_socket else None,
             model_load_seconds=self.loader.load_seconds if self.loader else None))
@@ -295,7 +294,8 @@ def run_zygote(settings: Settings) -> int:
     # Keep reading the CPU load, so that a forked worker starts with the thread count it needs.
     cpu_share = watch_cpu_share(settings)
     log.info("zygote: model %s loaded, pid %d", settings.model_id, os.getpid())
-    return serve_fork_requests(channel, lambda: WorkerLife(settings, preloaded=Preloaded(model, template, cpu_share, prefix, written_pages)).run(),
+    preloaded = Preloaded(model, template, cpu_share, prefix, written_pages)
+    return serve_fork_requests(channel, lambda: WorkerLife(settings, preloaded=preloaded).run(),
                                every_half_second=cpu_share.update if cpu_share else None, load_seconds=load_seconds)
 
 

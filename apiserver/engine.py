@@ -226,7 +226,6 @@ class ModelRunner:
         self.running_on_box = 1  # generations running on the box: the free cores are divided by it
         self.prefix = prefix  # the system prompt's turn, evaluated into the model's context
         self.prefix_intact = prefix is not None  # False once a generation from an empty context overwrote it
-        self.prefix_hits = 0
 
     def set_running_on_box(self, running: int) -> None:
         """The watchdog says how many generations run now; the next token uses the new share."""
@@ -319,10 +318,9 @@ class ModelRunner:
         if not self.prefix_intact:  # a request from an empty context overwrote it: evaluate it again
             self.prefix = evaluate_prefix(self.model, self.settings, self.template)
             self.prefix_intact = self.prefix is not None
-            if self.prefix is None or self.prefix.text != prefix.text:
+            if self.prefix is None:
                 return None
         self.model.model.context.n_past = self.prefix.n_past
-        self.prefix_hits += 1
         return prompt[len(prefix.text):]
 
     def _run(self, prompt: str, generation: Generation, queued: float) -> Completion:

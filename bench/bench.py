@@ -172,13 +172,21 @@ def bench_server(workdir: Path, rounds: int) -> dict:
     }
 
 
-def run_watchdog_mode(workdir: Path, name: str, overrides: dict, requests: int) -> dict:
-    config = write_config(workdir / name, {"watchdog": overrides})
+@contextlib.contextmanager
+def running_watchdog(config: Path):
+    """A ready watchdog on config, its zygote and spares loaded; stopped on the way out."""
     watchdog = Process("watchdog.py", config)
-    times, errors, pids = [], 0, set()
     try:
         watchdog.wait_ready()
         time.sleep(3)  # let the zygote and the warm spare load: they are there before the first request
+        yield watchdog
+    finally:
+        watchdog.stop()
+
+
+def run_watchdog_mode(workdir: Path, name: str, overrides: dict, requests: int) -> dict:
+    times, errors, pids = [], 0, set()
+    with running_watchdog(write_config(workdir / name, {"watchdog": overrides})) as watchdog:
         for index in range(requests):
             started = time.monotonic()
             try:
@@ -187,8 +195,6 @@ def run_watchdog_mode(workdir: Path, name: str, overrides: dict, requests: int) 
             except (OSError, http.client.HTTPException, RuntimeError):
                 errors += 1
         cpu = idle_cpu_fraction(watchdog.popen.pid, 10.0)
-    finally:
-        watchdog.stop()
     return {"median_s": median(times), "errors": errors, "worker_pids": len(pids), "idle_cpu_fraction": cpu}
 
 
@@ -400,10 +406,7 @@ def bench_prefix(workdir: Path, rounds: int) -> dict:
     template = TEMPLATES["chatml"]
     raw = RawModel(settings)
     raw_first, server_first = [], []
-    watchdog = Process("watchdog.py", config)
-    try:
-        watchdog.wait_ready()
-        time.sleep(3)
+    with running_watchdog(config) as watchdog:
         _, _, body = request(watchdog.base_url, "POST", "/v1/chat/completions",
                              {"messages": [{"role": "system", "content": LONG_PERSONA},
                                            {"role": "user", "content": questions[0]}], "max_tokens": 1})
@@ -415,8 +418,6 @@ def bench_prefix(workdir: Path, rounds: int) -> dict:
                                             {"role": "user", "content": question}])
                 raw_first.append(raw.generate(question, rendered)[3])
                 server_first.append(streamed_first_token(watchdog.base_url, LONG_PERSONA, question))
-    finally:
-        watchdog.stop()
     del raw
     with_spare = median_stream_speed(workdir, "spare_on", {}, rounds)
     without_spare = median_stream_speed(workdir, "spare_off", {"watchdog": {"warm_spare": "false"}}, rounds)
@@ -430,16 +431,8 @@ def bench_prefix(workdir: Path, rounds: int) -> dict:
 def median_stream_speed(workdir: Path, name: str, overrides: dict, rounds: int) -> float:
     """Streamed tokens/s through the watchdog, restart after every request (a spare is forked and
     pre-warmed during each generation when warm_spare is on)."""
-    watchdog = Process("watchdog.py", write_config(workdir / name, overrides))
-    speeds = []
-    try:
-        watchdog.wait_ready()
-        time.sleep(3)
-        for _ in range(rounds):
-            for prompt in PROMPTS:
-                speeds.append(stream_chat(watchdog.base_url, prompt)[1])
-    finally:
-        watchdog.stop()
+    with running_watchdog(write_config(workdir / name, overrides)) as watchdog:
+        speeds = [stream_chat(watchdog.base_url, prompt)[1] for _ in range(rounds) for prompt in PROMPTS]
     return median(speeds)
 
 
@@ -458,16 +451,21 @@ def main() -> None:
     parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "stream", "ollama", "busy", "tools", "prefix", "all"])
     parser.add_argument("--rounds", type=int, default=5, help="passes over the prompts (default %(default)s)")
     arguments = parser.parse_args()
-    benches = {"server": bench_server, "watchdog": bench_watchdog, "stream": bench_stream, "busy": bench_busy,
-               "tools": bench_tools, "ollama": bench_ollama, "prefix": bench_prefix}
-    chosen = list(benches) if arguments.which == "all" else [arguments.which]
-    results = {"cpu_count": os.cpu_count(), "max_tokens": MAX_TOKENS, "rounds": arguments.rounds}
+    run_benches({"server": bench_server, "watchdog": bench_watchdog, "stream": bench_stream, "busy": bench_busy,
+                 "tools": bench_tools, "ollama": bench_ollama, "prefix": bench_prefix},
+                arguments.which, arguments.rounds, arguments.which)
+
+
+def run_benches(benches: dict, which: str, rounds: int, label: str) -> None:
+    """Run one bench (or "all"), print each result, write them all to bench/results/."""
+    chosen = list(benches) if which == "all" else [which]
+    results = {"cpu_count": os.cpu_count(), "max_tokens": MAX_TOKENS, "rounds": rounds}
     with tempfile.TemporaryDirectory() as workdir:
         for name in chosen:
-            results[name] = benches[name](Path(workdir), arguments.rounds)
+            results[name] = benches[name](Path(workdir), rounds)
             print(f"== {name}")
             print(json.dumps(results[name], indent=2))
-    output = REPO / "bench" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-{arguments.which}.json"
+    output = REPO / "bench" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}.json"
     output.parent.mkdir(exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
     print(f"written to {output}")

@@ -22,31 +22,23 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import ContextManager, List, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench import MAX_TOKENS, PROMPTS, median, percentile, post_generate, stream_chat  # noqa: E402
+from bench import PROMPTS, median, percentile, post_generate, run_benches, running_watchdog, stream_chat  # noqa: E402
 from conftest import Process, free_port, request, write_config  # noqa: E402
 
 CLIENTS = 4
 LONG_TOKENS = 96
 
 
-@contextlib.contextmanager
-def watchdog_with(workdir: Path, name: str, watchdog: dict) -> Iterator[Process]:
-    process = Process("watchdog.py", write_config(workdir / name, {"watchdog": watchdog}))
-    try:
-        process.wait_ready()
-        time.sleep(3)  # the zygote and the spares are there before the first request
-        yield process
-    finally:
-        process.stop()
+def watchdog_with(workdir: Path, name: str, watchdog: dict) -> ContextManager[Process]:
+    return running_watchdog(write_config(workdir / name, {"watchdog": watchdog}))
 
 
 def generate(base_url: str, prompt: str, max_tokens: int) -> Tuple[float, int]:
@@ -161,18 +153,8 @@ def main() -> None:
     parser.add_argument("which", nargs="?", default="all", choices=["workers", "metrics", "nginx", "all"])
     parser.add_argument("--rounds", type=int, default=3, help="passes over the prompts (default %(default)s)")
     arguments = parser.parse_args()
-    benches = {"workers": bench_workers, "metrics": bench_metrics, "nginx": bench_nginx}
-    chosen = list(benches) if arguments.which == "all" else [arguments.which]
-    results = {"cpu_count": os.cpu_count(), "max_tokens": MAX_TOKENS, "rounds": arguments.rounds}
-    with tempfile.TemporaryDirectory() as workdir:
-        for name in chosen:
-            results[name] = benches[name](Path(workdir), arguments.rounds)
-            print(f"== {name}")
-            print(json.dumps(results[name], indent=2))
-    output = HERE / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-fleet-{arguments.which}.json"
-    output.parent.mkdir(exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
-    print(f"written to {output}")
+    run_benches({"workers": bench_workers, "metrics": bench_metrics, "nginx": bench_nginx}, arguments.which,
+                arguments.rounds, f"fleet-{arguments.which}")
 
 
 if __name__ == "__main__":
