@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import contextlib
 import dataclasses
 import enum
 import fcntl
@@ -70,6 +71,7 @@ server_log = logging.getLogger("watchdog.server_log")
 
 WORKER_SCRIPT_ENV = "GPT4ALL_API_WORKER_SCRIPT"  # undocumented: tests run tests/fake_worker.py
 OUTPUT_LINES_KEPT = 30
+FORK_TIMEOUT = 5.0  # seconds the zygote may take to say the pid of a worker it forks
 HERE = Path(__file__).resolve().parent
 # Files in state_dir, named for the port (state_file()).
 LOCK_FILE, WORKER_SENTINEL, ZYGOTE_SENTINEL = "watchdog-{port}.lock", "worker-{port}-{serial}.sentinel", \
@@ -322,6 +324,11 @@ class Zygote:
         self.started_at = 0.0
         self.backoff = Backoff(settings.backoff_max)
         self.load_seconds: Optional[float] = None
+        # A fork asked for and not answered yet (the watchdog never waits for it: a worker's request
+        # for a generation slot, arriving meanwhile, would wait as long), and one answered but not
+        # yet taken by spawn().
+        self.asked: Optional[Tuple[Path, socket.socket, int, float]] = None  # sentinel, our end, output, when
+        self.forked: Optional[WorkerProcess] = None
 
     @property
     def loading(self) -> bool:
@@ -342,6 +349,8 @@ class Zygote:
             theirs.close()
         self.ready, self.starts, self.started_at = False, self.starts + 1, now
         if self.process:
+            self.channel.setblocking(False)
+            self.selector.register(self.channel, selectors.EVENT_READ, self.receive)
             log.info("zygote (pid %d) loading the model", self.process.pid)
 
     def stop(self) -> None:
@@ -351,8 +360,52 @@ class Zygote:
                 time.sleep(0.01)
             self.process.close()
         if self.channel is not None:
+            self.selector.unregister(self.channel)
             self.channel.close()
         self.process, self.channel, self.ready = None, None, False
+        self.forget_fork()
+
+    def forget_fork(self) -> None:
+        """Drop the fork asked for, and kill one forked but not taken (nobody will watch it)."""
+        if self.asked is not None:
+            _, ours, output_read, _ = self.asked
+            ours.close()
+            os.close(output_read)
+            self.asked = None
+        if self.forked is not None:
+            self.forked.send(signal.SIGKILL)  # its group, and itself (it may not have made its group yet)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.forked.pid, signal.SIGKILL)
+            self.forked.close()
+            self.forked = None
+
+    def receive(self) -> None:
+        """The zygote speaks: "ready <load seconds>" once, then the pid of each worker it forked."""
+        while self.channel is not None:
+            try:
+                message = self.channel.recv(64).decode("ascii", "replace")
+            except BlockingIOError:
+                return
+            except OSError:
+                message = ""
+            if not message:  # it died: check() notices and restarts it
+                self.selector.unregister(self.channel)
+                self.channel.close()
+                self.channel = None
+                return
+            word, _, seconds = message.partition(" ")
+            if word == "ready" and not self.ready:
+                self.ready = True
+                try:
+                    self.load_seconds = float(seconds) if seconds else self.load_seconds
+                except ValueError:
+                    pass
+                log.info("zygote (pid %d) ready: workers are forked from it", self.process.pid)
+            elif word.isdigit() and self.asked is not None:
+                sentinel, ours, output_read, _ = self.asked
+                self.asked = None
+                self.forked = WorkerProcess(ForkedProcess(int(word), os.fdopen(output_read, "rb", buffering=0)),
+                                            ours, sentinel, self.selector)
 
     def check(self, now: float, may_start: bool) -> None:
         """Notice readiness and deaths; restart a dead zygote (when may_start: a worker serves and
@@ -367,43 +420,46 @@ class Zygote:
             self.stop()
         if self.process is None and not self.backoff.waiting(now) and may_start:
             self.start(now)
-        if self.process is not None and not self.ready:
-            self.channel.setblocking(False)
-            try:
-                word, _, seconds = self.channel.recv(64).decode("ascii", "replace").partition(" ")
-                self.ready = word == "ready"
-                self.load_seconds = float(seconds) if self.ready and seconds else self.load_seconds
-            except (BlockingIOError, ValueError):
-                pass
-            if self.ready:
-                log.info("zygote (pid %d) ready: workers are forked from it", self.process.pid)
-            elif now - self.started_at > self.settings.start_timeout:
-                log.warning("zygote (pid %d) not ready after %g s: restarting it", self.process.pid,
-                            self.settings.start_timeout)
-                self.stop()
-                self.backoff.fail(now)
+        if self.process is not None and not self.ready and now - self.started_at > self.settings.start_timeout:
+            log.warning("zygote (pid %d) not ready after %g s: restarting it", self.process.pid,
+                        self.settings.start_timeout)
+            self.stop()
+            self.backoff.fail(now)
+        if self.asked is not None and now - self.asked[3] > FORK_TIMEOUT:
+            log.warning("the zygote did not fork a worker in %g s: restarting it", FORK_TIMEOUT)
+            self.stop()
+
+    @property
+    def forking(self) -> bool:
+        """A fork was asked for: spawn() returns it soon (there is no need to start a worker otherwise)."""
+        return self.asked is not None or self.forked is not None
 
     def spawn(self, sentinel: Path) -> Optional[WorkerProcess]:
-        if not self.ready:
+        """The worker forked for sentinel, once the zygote said its pid; None until then (the first
+        call asks for it)."""
+        if self.forked is not None and self.forked.sentinel == sentinel:
+            forked, self.forked = self.forked, None
+            return forked
+        if self.forked is not None:  # forked for a worker no longer wanted
+            self.forget_fork()
+        if not self.ready or self.channel is None or self.forking:
             return None
         ours, theirs = control_channel()
         output_read, output_write = os.pipe()
         try:
-            self.channel.settimeout(5.0)
             socket.send_fds(self.channel, [str(sentinel).encode()],
                             [self.listener.fileno(), theirs.fileno(), output_write])
-            pid = int(self.channel.recv(32))
-        except (OSError, ValueError) as error:
-            log.warning("the zygote did not fork a worker (%s): restarting it", error)
-            self.stop()
+        except OSError as error:
+            log.warning("the zygote did not take a fork request (%s): restarting it", error)
             ours.close()
             os.close(output_read)
-            return None
+            self.stop()
+        else:
+            self.asked = (sentinel, ours, output_read, time.monotonic())
         finally:
             theirs.close()
             os.close(output_write)
-        return WorkerProcess(ForkedProcess(pid, os.fdopen(output_read, "rb", buffering=0)), ours,
-                             sentinel, self.selector)
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -860,6 +916,8 @@ class Watchdog:
         known = {worker.process.pid for worker in self.supervisor.workers}
         if self.zygote and self.zygote.process:
             known.add(self.zygote.process.pid)
+        if self.zygote and self.zygote.forked:
+            known.add(self.zygote.forked.pid)
         try:
             with open(f"/proc/self/task/{os.getpid()}/children", encoding="ascii") as children:
                 strays = [int(pid) for pid in children.read().split() if int(pid) not in known]
@@ -882,7 +940,7 @@ class Watchdog:
         serving = self.supervisor.serving
         if self.zygote:
             forked = self.zygote.spawn(sentinel)
-            if forked or (serving and self.zygote.loading):
+            if forked or self.zygote.forking or (serving and self.zygote.loading):
                 return forked
         return WorkerProcess.spawn(worker_command(self.supervisor.settings), self.listener.fileno(),
                                    sentinel, self.selector, background=serving)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import selectors
 import signal
+import socket
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,7 +19,7 @@ from apiserver.protocol import (EXIT_CANNOT_LOAD, MSG_CANCEL, MSG_CANCELLED, MSG
 from apiserver.api import ApiError, error_reply
 from apiserver.settings import Settings
 from apiserver.unavailable import unavailable_reply
-from watchdog import State, Supervisor, Worker, describe_exit
+from watchdog import FORK_TIMEOUT, State, Supervisor, Worker, Zygote, describe_exit
 
 
 class FakeProcess:
@@ -631,3 +635,78 @@ def test_the_watchdogs_own_503s_count_in_the_metrics() -> None:
             assert client.recv(100).startswith(b"HTTP/1.1 503")
     selector.close()
     assert harness.supervisor.totals.requests[(UNAVAILABLE_ROUTE, "503")] == 1
+
+
+class SleepingZygoteProcess:
+    """What Zygote needs of its process: alive until killed."""
+
+    def __init__(self) -> None:
+        self.pid, self.killed = 999999, False
+
+    def poll(self) -> Optional[int]:
+        return -9 if self.killed else None
+
+    def send(self, signum: int) -> None:
+        self.killed = True
+
+    def close(self) -> None:
+        pass
+
+
+def zygote_with_our_end(tmp_path: Path):
+    """A Zygote whose channel's other end is the test's: the test plays the zygote process."""
+    settings = Settings(config_file=tmp_path / "config.ini", state_dir=tmp_path, start_timeout=60.0)
+    listener = socket.socket()
+    selector = selectors.DefaultSelector()
+    zygote = Zygote(settings, listener, selector)
+    zygote.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    zygote.channel.setblocking(False)
+    selector.register(zygote.channel, selectors.EVENT_READ, zygote.receive)
+    zygote.process = SleepingZygoteProcess()
+    theirs.send(b"ready 1.25")
+
+    def pump() -> None:
+        for key, _ in selector.select(1.0):
+            key.data()
+    pump()
+    return zygote, theirs, pump, listener
+
+
+def test_the_watchdog_asks_the_zygote_for_a_fork_without_waiting_for_it(tmp_path: Path) -> None:
+    zygote, theirs, pump, listener = zygote_with_our_end(tmp_path)
+    assert zygote.ready and zygote.load_seconds == 1.25
+    first, second = tmp_path / "worker-1.sentinel", tmp_path / "worker-2.sentinel"
+    started = time.monotonic()
+    assert zygote.spawn(first) is None  # asked; the answer comes later (the watchdog serves meanwhile)
+    assert time.monotonic() - started < 0.5 and zygote.forking
+    message, fds, _, _ = socket.recv_fds(theirs, 4096, 3)
+    assert message.decode() == str(first) and len(fds) == 3
+    for fd in fds:
+        os.close(fd)
+    assert zygote.spawn(first) is None  # still forking: no second request
+    assert zygote.spawn(second) is None
+    theirs.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        theirs.recv(4096)
+    theirs.send(str(os.getpid()).encode())
+    pump()
+    forked = zygote.spawn(first)
+    assert forked is not None and forked.pid == os.getpid() and forked.sentinel == first
+    assert not zygote.forking
+    forked.close()
+    zygote.stop()
+    listener.close()
+
+
+def test_a_zygote_that_does_not_answer_a_fork_is_restarted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    zygote, theirs, pump, listener = zygote_with_our_end(tmp_path)
+    process = zygote.process
+    assert zygote.spawn(tmp_path / "worker-1.sentinel") is None
+    zygote.check(time.monotonic() + 1.0, may_start=False)
+    assert zygote.process is process  # still waiting
+    with caplog.at_level(logging.WARNING, logger="watchdog"):
+        zygote.check(time.monotonic() + FORK_TIMEOUT + 1.0, may_start=False)
+    assert process.killed and zygote.process is None and not zygote.forking
+    assert "did not fork a worker" in caplog.text
+    theirs.close()
+    listener.close()
