@@ -8,6 +8,7 @@ server    raw in-process generate() vs POST /gpt4all_api on the same prompts (te
 watchdog  back-to-back requests through watchdog.py: restart after every request with the warm
           spare, without it, each with and without the zygote (without both: the original project's
           behaviour, the model load paid by the next request), and restart_after_requests = 0;
+          all five watchdogs up at once, taking turns in blocks, compared prompt by prompt;
           connection errors; the watchdog's idle CPU.
 stream    time to first token and tokens/s of a streamed /v1/chat/completions vs raw generate()
           with a callback.
@@ -184,43 +185,63 @@ def running_watchdog(config: Path):
         watchdog.stop()
 
 
-def run_watchdog_mode(workdir: Path, name: str, overrides: dict, requests: int) -> dict:
-    times, errors, pids = [], 0, set()
-    with running_watchdog(write_config(workdir / name, {"watchdog": overrides})) as watchdog:
-        for index in range(requests):
-            started = time.monotonic()
-            try:
-                pids.add(post_generate(watchdog.base_url, PROMPTS[index % len(PROMPTS)])[3])
-                times.append(time.monotonic() - started)
-            except (OSError, http.client.HTTPException, RuntimeError):
-                errors += 1
-        cpu = idle_cpu_fraction(watchdog.popen.pid, 10.0)
-    return {"median_s": median(times), "errors": errors, "worker_pids": len(pids), "idle_cpu_fraction": cpu}
-
-
-def idle_cpu_fraction(pid: int, seconds: float) -> float:
-    """CPU time the process used while idle, as a fraction of one core."""
-    def cpu_seconds() -> float:
-        return process_cpu_ticks(pid) / os.sysconf("SC_CLK_TCK")
-    before = cpu_seconds()
-    time.sleep(seconds)
-    return (cpu_seconds() - before) / seconds
+WATCHDOG_MODES = {  # name: [watchdog] settings
+    "keep_loaded": {"restart_after_requests": 0},
+    "restart_with_spare": {"restart_after_requests": 1},
+    "restart_with_spare_no_zygote": {"restart_after_requests": 1, "zygote": "false"},
+    "restart_without_spare": {"restart_after_requests": 1, "warm_spare": "false"},
+    "seed_style_no_spare_no_zygote": {"restart_after_requests": 1, "warm_spare": "false", "zygote": "false"},
+}
+PASSES_PER_BLOCK = 3  # back-to-back passes over the prompts each watchdog gets in its turn
 
 
 def bench_watchdog(workdir: Path, rounds: int) -> dict:
-    requests = rounds * len(PROMPTS)
-    modes = {  # name: [watchdog] settings
-        "keep_loaded": {"restart_after_requests": 0},
-        "restart_with_spare": {"restart_after_requests": 1},
-        "restart_with_spare_no_zygote": {"restart_after_requests": 1, "zygote": "false"},
-        "restart_without_spare": {"restart_after_requests": 1, "warm_spare": "false"},
-        "seed_style_no_spare_no_zygote": {"restart_after_requests": 1, "warm_spare": "false", "zygote": "false"},
-    }
-    results = {name: run_watchdog_mode(workdir, name, overrides, requests) for name, overrides in modes.items()}
-    keep = results["keep_loaded"]["median_s"]
-    for name in modes:
-        results[name]["minus_keep_loaded_ms"] = (results[name]["median_s"] - keep) * 1000
+    """Every mode's watchdog runs at once; in each round, each takes its turn (the order rotating) for
+    a block of back-to-back requests, the first of which is not counted. Modes are compared prompt
+    by prompt: the median latency of each prompt, the difference to keep_loaded's, averaged over the
+    prompts. (A median over all requests would fall between the short and the long answers, where a
+    few requests decide it: runs of the same code differed by 100 ms that way.) n_threads is fixed:
+    with 0, a worker's thread count answers the other watchdogs' idle ticks, which is not what is
+    measured here."""
+    seconds = {name: {prompt: [] for prompt in range(len(PROMPTS))} for name in WATCHDOG_MODES}
+    errors, pids = {name: 0 for name in WATCHDOG_MODES}, {name: set() for name in WATCHDOG_MODES}
+    with contextlib.ExitStack() as stack:
+        watchdogs = {name: stack.enter_context(running_watchdog(write_config(
+            workdir / name, {"watchdog": overrides, "model": {"n_threads": os.cpu_count()}})))
+            for name, overrides in WATCHDOG_MODES.items()}
+        names = list(watchdogs)
+        for round_index in range(rounds):
+            for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+                for index in range(-1, PASSES_PER_BLOCK * len(PROMPTS)):
+                    started = time.monotonic()
+                    try:
+                        pids[name].add(post_generate(watchdogs[name].base_url, PROMPTS[index % len(PROMPTS)])[3])
+                    except (OSError, http.client.HTTPException, RuntimeError):
+                        errors[name] += 1
+                        continue
+                    if index >= 0:
+                        seconds[name][index % len(PROMPTS)].append(time.monotonic() - started)
+        idle_cpu = idle_cpu_fractions({name: watchdog.popen.pid for name, watchdog in watchdogs.items()}, 10.0)
+    keep = seconds["keep_loaded"]
+    results = {}
+    for name in WATCHDOG_MODES:
+        per_prompt = {prompt: median(values) for prompt, values in seconds[name].items()}
+        results[name] = {
+            "median_s_per_prompt": [round(value, 4) for value in per_prompt.values()],
+            "minus_keep_loaded_ms": statistics.mean(
+                (per_prompt[prompt] - median(keep[prompt])) * 1000 for prompt in per_prompt),
+            "requests": sum(len(values) for values in seconds[name].values()),
+            "errors": errors[name], "worker_pids": len(pids[name]), "idle_cpu_fraction": idle_cpu[name]}
     return results
+
+
+def idle_cpu_fractions(pids: dict, seconds: float) -> dict:
+    """CPU time each process used while idle, as a fraction of one core."""
+    def cpu_seconds(pid: int) -> float:
+        return process_cpu_ticks(pid) / os.sysconf("SC_CLK_TCK")
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    time.sleep(seconds)
+    return {name: (cpu_seconds(pid) - before[name]) / seconds for name, pid in pids.items()}
 
 
 def stream_chat(base_url: str, prompt: str):
