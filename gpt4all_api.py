@@ -35,7 +35,7 @@ from apiserver.http_server import Server, serve_until_stopped
 from apiserver.metrics import Box, Totals, accept_queue_length, render
 from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model, warm_up
 from apiserver.model_facts import gguf_header
-from apiserver.pages import Ranges, populate, probe_written_pages
+from apiserver.pages import LearnedPages, Ranges, own_written_pages, populate, probe_written_pages
 from apiserver.prefix import Prefix, evaluate_prefix, pre_warm
 from apiserver.protocol import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD,
                                 EXIT_CANNOT_LOAD, EXIT_OK, HEARTBEAT_EVERY, MSG_LOADED, MSG_STOPPED_ACCEPTING,
@@ -57,6 +57,7 @@ class Preloaded(NamedTuple):
     cpu_share: Optional[CpuShare]
     prefix: Optional[Prefix]  # the system prompt, evaluated
     written_pages: Ranges  # what a generation writes: copied before the worker is ready
+    report_pages: bool = False  # tell the zygote, after the request, which pages this worker wrote
 
 
 def lower_this_thread_priority() -> None:
@@ -89,7 +90,7 @@ class ModelLoader(threading.Thread):
         try:
             started = time.monotonic()
             if self.preloaded:
-                model, template, cpu_share, prefix, written_pages = self.preloaded
+                model, template, cpu_share, prefix, written_pages, _ = self.preloaded
                 copied = populate(written_pages)  # the first request would copy them, slower
                 how = (f"forked from the zygote (pre-warmed: {copied / 2**20:.0f} MiB copied in "
                        f"{(time.monotonic() - started) * 1000:.0f} ms), which loaded")
@@ -264,6 +265,8 @@ class WorkerLife:
             time.sleep(0.01)
         self.sentinel.remove()
         count = self.app.generations_admitted
+        if count and self.link is not None and self.preloaded is not None and self.preloaded.report_pages:
+            self.link.report_pages(own_written_pages())  # the zygote's next workers copy them ahead
         log.info("stopping after %d generation request%s", count, "" if count == 1 else "s")
         return EXIT_OK
 
@@ -294,9 +297,13 @@ def run_zygote(settings: Settings) -> int:
     # Keep reading the CPU load, so that a forked worker starts with the thread count it needs.
     cpu_share = watch_cpu_share(settings)
     log.info("zygote: model %s loaded, pid %d", settings.model_id, os.getpid())
-    preloaded = Preloaded(model, template, cpu_share, prefix, written_pages)
-    return serve_fork_requests(channel, lambda: WorkerLife(settings, preloaded=preloaded).run(),
-                               every_half_second=cpu_share.update if cpu_share else None, load_seconds=load_seconds)
+    learned = LearnedPages(written_pages)  # and, from the first workers' requests, what a real one writes
+
+    def run_worker() -> int:  # in the forked worker: what the zygote knew at the fork
+        return WorkerLife(settings, preloaded=Preloaded(model, template, cpu_share, prefix, learned.ranges,
+                                                        report_pages=learned.wanted)).run()
+    return serve_fork_requests(channel, run_worker, every_half_second=cpu_share.update if cpu_share else None,
+                               load_seconds=load_seconds, on_pages=learned.receive)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -58,9 +58,9 @@ from typing import IO, Callable, Deque, Dict, List, Optional, Tuple
 from apiserver.metrics import Box, Totals, accept_queue_length, render
 from apiserver.protocol import (BACKOFF_START, ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL,
                                 ENV_WATCHDOG_PID, ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, MAX_MESSAGE, MSG_CANCEL,
-                                MSG_CANCELLED, MSG_DONE, MSG_FULL, MSG_GO, MSG_LOADED, MSG_METRICS,
+                                MSG_CANCELLED, MSG_DONE, MSG_FULL, MSG_GO, MSG_LOADED, MSG_METRICS, MSG_PAGES,
                                 MSG_METRICS_TEXT, MSG_REPORT, MSG_RUNNING, MSG_STOPPED_ACCEPTING, MSG_WANT_SLOT,
-                                Backoff, control_channel, set_process_name)
+                                ZYGOTE_PAGES, Backoff, control_channel, set_process_name)
 from apiserver.settings import (Settings, add_address_arguments, configure_logging, load_settings,
                                 rotating_log_handler)
 from apiserver.unavailable import UnavailableResponder
@@ -429,6 +429,14 @@ class Zygote:
             log.warning("the zygote did not fork a worker in %g s: restarting it", FORK_TIMEOUT)
             self.stop()
 
+    def learn(self, pages: bytes) -> None:
+        """A worker's written pages: the zygote adds them to what its next workers copy ahead."""
+        if self.channel is not None and self.ready:
+            try:
+                self.channel.send(ZYGOTE_PAGES + pages)
+            except OSError as error:  # too big, or the zygote is busy: its pre-warm stays as it is
+                log.info("could not pass a worker's written pages to the zygote: %s", error)
+
     @property
     def forking(self) -> bool:
         """A fork was asked for: spawn() returns it soon (there is no need to start a worker otherwise)."""
@@ -525,6 +533,7 @@ class Supervisor:
         self.model_load_seconds: Optional[float] = None
         self.started_wall = time.time()
         self.backlog: Callable[[], Optional[int]] = lambda: None  # connections no worker accepted yet
+        self.on_pages: Callable[[bytes], None] = lambda payload: None  # a worker's written pages, for the zygote
 
     @property
     def finished(self) -> bool:
@@ -562,6 +571,8 @@ class Supervisor:
                 self.totals.add(report)
         elif kind == MSG_METRICS:
             worker.process.tell(MSG_METRICS_TEXT, self.metrics_text().encode("utf-8"))
+        elif kind == MSG_PAGES:
+            self.on_pages(payload)
         elif kind == MSG_LOADED:
             try:
                 self.model_load_seconds = float(payload)
@@ -900,12 +911,17 @@ class Watchdog:
         # Its 503s count in the metrics too, under a route label of their own.
         self.responder.on_answer = lambda: self.supervisor.totals.add({"route": UNAVAILABLE_ROUTE, "status": 503})
         self.zygote = self.make_zygote(settings)
+        self.supervisor.on_pages = self.forward_pages
         self.next_stray_check = 0.0
 
     def make_zygote(self, settings: Settings) -> Optional[Zygote]:
         # Forking from a loaded model is safe on the CPU; GPU contexts do not survive a fork.
         use_zygote = settings.zygote and settings.device == "cpu" and become_subreaper()
         return Zygote(settings, self.listener, self.selector) if use_zygote else None
+
+    def forward_pages(self, pages: bytes) -> None:
+        if self.zygote:
+            self.zygote.learn(pages)
 
     def reap_strays(self, now: float) -> None:
         """Wait for children we never knew: a worker the zygote forked just before it was killed

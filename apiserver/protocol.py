@@ -105,6 +105,8 @@ MSG_CANCEL = b"C"  # the client left while waiting for a slot
 MSG_REPORT = b"R"  # payload: JSON of one finished request (metrics.RequestReport's fields)
 MSG_METRICS = b"M"  # ask for MSG_METRICS_TEXT
 MSG_LOADED = b"L"  # payload: seconds the model took to load
+MSG_PAGES = b"P"  # payload: JSON [[address, length], ...], the pages this forked worker wrote (for the zygote)
+ZYGOTE_PAGES = b"pages "  # watchdog to zygote: + MSG_PAGES's payload, forwarded
 MAX_MESSAGE = 1 << 20
 
 
@@ -208,6 +210,10 @@ class WatchdogLink:
     def report(self, fields: Dict[str, Any]) -> None:
         self.send(MSG_REPORT, json.dumps(fields).encode())
 
+    def report_pages(self, ranges: List[Tuple[int, int]]) -> None:
+        """The pages this forked worker wrote, for the zygote's next workers to copy ahead."""
+        self.send(MSG_PAGES, json.dumps(ranges).encode())
+
     def metrics_text(self, timeout: float = 5.0) -> Optional[bytes]:
         """The box's metrics from the watchdog; None when it does not answer in time."""
         with self.query_lock:
@@ -250,21 +256,29 @@ class Backoff:
 
 
 def serve_fork_requests(channel: socket.socket, run: Callable[[], int],
-                        every_half_second: Optional[Callable[[], Any]] = None, load_seconds: float = 0.0) -> int:
+                        every_half_second: Optional[Callable[[], Any]] = None, load_seconds: float = 0.0,
+                        on_pages: Optional[Callable[[bytes], Any]] = None) -> int:
     """Say ready (and how long the model took to load), then fork a worker running run() for each
     request, until the watchdog hangs up.
 
     The watchdog sends a sentinel path with three fds (listening socket, control channel, output
-    pipe) and gets the worker's pid back."""
+    pipe) and gets the worker's pid back. A worker's written pages, which the watchdog forwards
+    (ZYGOTE_PAGES), go to on_pages."""
     channel.sendall(f"ready {load_seconds:.3f}".encode())
     channel.settimeout(0.5 if every_half_second else None)
     while True:
         try:
-            message, fds, _, _ = socket.recv_fds(channel, 4096, 3)
+            message, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, 3)
         except socket.timeout:
             every_half_second()
             continue
+        if message.startswith(ZYGOTE_PAGES) and not fds:
+            if on_pages is not None:
+                on_pages(message[len(ZYGOTE_PAGES):])
+            continue
         if not message or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
             return EXIT_OK  # the watchdog is gone
         pid = fork_worker(channel, Path(message.decode()), fds, run)
         for fd in fds:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import re
 import signal
 import threading
 from typing import Any, Dict, List, Optional, Tuple
@@ -101,6 +102,12 @@ def test_answers_are_identical_with_the_prefix_on_and_off(on_and_off):
             hit = usage_on["prompt_tokens_details"]["cached_tokens"]
             assert (hit > 60) if cached else (hit == 0), f"{name}: cached_tokens {hit}"
             assert usage_off["prompt_tokens_details"]["cached_tokens"] == 0
+    # The first workers told the zygote which pages their requests wrote; the workers forked after
+    # that copied those too before they were ready (and answered the later cases above identically).
+    server_log = (on.config.parent / "logs" / "server.log").read_text()
+    assert "more learned from a worker's request" in server_log
+    copied = [int(mib) for mib in re.findall(r"pre-warmed: (\d+) MiB copied", server_log)]
+    assert len(copied) >= 3 and max(copied) > copied[0], copied
 
 
 def test_a_worker_forked_after_a_sighup_uses_the_new_system_prompt(on_and_off):

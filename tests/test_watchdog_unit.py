@@ -15,7 +15,8 @@ from typing import List, Optional
 import pytest
 
 from apiserver.protocol import (EXIT_CANNOT_LOAD, MSG_CANCEL, MSG_CANCELLED, MSG_DONE, MSG_FULL, MSG_GO,
-                                MSG_METRICS, MSG_REPORT, MSG_RUNNING, MSG_STOPPED_ACCEPTING, MSG_WANT_SLOT)
+                                MSG_METRICS, MSG_PAGES, MSG_REPORT, MSG_RUNNING, MSG_STOPPED_ACCEPTING,
+                                MSG_WANT_SLOT, ZYGOTE_PAGES)
 from apiserver.api import ApiError, error_reply
 from apiserver.settings import Settings
 from apiserver.unavailable import unavailable_reply
@@ -709,4 +710,18 @@ def test_a_zygote_that_does_not_answer_a_fork_is_restarted(tmp_path: Path, caplo
     assert process.killed and zygote.process is None and not zygote.forking
     assert "did not fork a worker" in caplog.text
     theirs.close()
+    listener.close()
+
+
+def test_a_workers_written_pages_go_to_the_zygote(tmp_path: Path) -> None:
+    harness = Harness()
+    forwarded: List[bytes] = []
+    harness.supervisor.on_pages = forwarded.append
+    harness.serving().say(MSG_PAGES, b"[[4096, 8192]]")
+    assert forwarded == [b"[[4096, 8192]]"]
+    zygote, theirs, pump, listener = zygote_with_our_end(tmp_path)
+    zygote.learn(b"[[4096, 8192]]")
+    assert theirs.recv(4096) == ZYGOTE_PAGES + b"[[4096, 8192]]"
+    zygote.stop()
+    zygote.learn(b"[]")  # no zygote any more: dropped
     listener.close()
