@@ -266,7 +266,10 @@ class WorkerLife:
         self.sentinel.remove()
         count = self.app.generations_admitted
         if count and self.link is not None and self.preloaded is not None and self.preloaded.report_pages:
-            self.link.report_pages(own_written_pages())  # the zygote's next workers copy them ahead
+            try:
+                self.link.report_pages(own_written_pages())  # the zygote's next workers copy them ahead
+            except OSError as error:  # no pagemap here, or a report too big for the channel: none
+                log.info("could not report the pages this worker wrote: %s", error)
         log.info("stopping after %d generation request%s", count, "" if count == 1 else "s")
         return EXIT_OK
 
