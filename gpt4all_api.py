@@ -31,6 +31,7 @@ from typing import Any, Dict, List, NamedTuple, Optional
 
 from apiserver.cpu_share import CpuShare, watch_cpu_share
 from apiserver.engine import ModelRunner
+from apiserver.huge_pages import collapse_into_huge_pages, move_weights_into_huge_pages
 from apiserver.http_server import Server, serve_until_stopped
 from apiserver.metrics import Box, Totals, accept_queue_length, render
 from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model, warm_up
@@ -290,11 +291,15 @@ def run_zygote(settings: Settings) -> int:
     except CannotLoad as error:
         log.critical("%s", error)
         return EXIT_CANNOT_LOAD
+    if settings.huge_pages:  # before anything runs on the weights: each fork and exit is cheaper then
+        move_weights_into_huge_pages(settings.model_file)
     load_seconds = time.monotonic() - started
     warm_up(model, settings)
     template = choose_template(settings, settings.model_file)
     prefix = evaluate_prefix(model, settings, template)  # every forked worker starts with it evaluated
     written_pages = probe_written_pages(lambda: pre_warm(model, settings, template, prefix))
+    if settings.huge_pages:  # the memory every worker starts from: fewer page-table entries to copy and drop
+        collapse_into_huge_pages()
     stat = settings.model_file.stat()
     gguf_header(str(settings.model_file), stat.st_size, stat.st_mtime_ns)  # read once; the workers inherit it
     # Keep reading the CPU load, so that a forked worker starts with the thread count it needs.

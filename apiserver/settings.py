@@ -43,6 +43,7 @@ class Settings:
     chat_template: str = "auto"
     system_prompt: str = "You are a helpful assistant."
     system_prompt_cache: bool = True
+    huge_pages: bool = True
     model_names: Tuple[str, ...] = ("*",)
     # [generation]
     max_tokens: int = 256
@@ -164,6 +165,7 @@ CONFIG_KEYS = [
     ("model", "chat_template", "chat_template", one_of("auto", "chatml", "llama3", "gemma", "phi3", "plain")),
     ("model", "system_prompt", "system_prompt", str),
     ("model", "system_prompt_cache", "system_prompt_cache", boolean),
+    ("model", "huge_pages", "huge_pages", boolean),
     ("model", "model_names", "model_names", comma_list),
     ("generation", "max_tokens", "max_tokens", at_least(int, 1)),
     ("generation", "temperature", "temperature", at_least(float)),

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
+from apiserver.huge_pages import huge_pages_available
+
 from conftest import Process, request, wait_until
 
 PERSONA = ("You are Captain Ada, the quartermaster of a research ship. You answer questions about the "
@@ -83,8 +85,12 @@ def both(on: Process, off: Process, ask) -> Tuple[Any, Any]:
 
 @pytest.fixture
 def on_and_off(start):
-    on = start("watchdog.py", {**SETTINGS, "model": {**SETTINGS["model"], "system_prompt_cache": "true"}})
-    off = start("watchdog.py", {**SETTINGS, "model": {**SETTINGS["model"], "system_prompt_cache": "false"}})
+    # The zygote's memory in huge pages (huge_pages.py) is on with the prefix and off without it:
+    # neither may change an answer.
+    on = start("watchdog.py", {**SETTINGS, "model": {**SETTINGS["model"], "system_prompt_cache": "true",
+                                                     "huge_pages": "true"}})
+    off = start("watchdog.py", {**SETTINGS, "model": {**SETTINGS["model"], "system_prompt_cache": "false",
+                                                      "huge_pages": "false"}})
     for process in (on, off):
         process.wait_ready()
         process.wait_for_spare()
@@ -108,6 +114,10 @@ def test_answers_are_identical_with_the_prefix_on_and_off(on_and_off):
     assert "more learned from a worker's request" in server_log
     copied = [int(mib) for mib in re.findall(r"pre-warmed: (\d+) MiB copied", server_log)]
     assert len(copied) >= 3 and max(copied) > copied[0], copied
+    if huge_pages_available():
+        assert re.search(r"model weights: \d+ MiB moved into huge pages", server_log), server_log[-3000:]
+        assert "memory: " in server_log and "collapsed into huge pages" in server_log
+    assert "huge pages" not in (off.config.parent / "logs" / "server.log").read_text()
 
 
 def test_a_worker_forked_after_a_sighup_uses_the_new_system_prompt(on_and_off):
