@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from apiserver.cpu_share import process_cpu_ticks  # noqa: E402
 from apiserver.model import TEMPLATES, ensure_model_file  # noqa: E402
+from apiserver.pages import LEARN_FROM  # noqa: E402
 from apiserver.settings import Settings, load_settings  # noqa: E402
 from apiserver.tool_formats import FORMATS  # noqa: E402
 from conftest import Process, request, write_config  # noqa: E402
@@ -185,32 +186,42 @@ def running_watchdog(config: Path):
         watchdog.stop()
 
 
-WATCHDOG_MODES = {  # name: [watchdog] settings
-    "keep_loaded": {"restart_after_requests": 0},
-    "restart_with_spare": {"restart_after_requests": 1},
-    "restart_with_spare_no_zygote": {"restart_after_requests": 1, "zygote": "false"},
-    "restart_without_spare": {"restart_after_requests": 1, "warm_spare": "false"},
-    "seed_style_no_spare_no_zygote": {"restart_after_requests": 1, "warm_spare": "false", "zygote": "false"},
+WATCHDOG_MODES = {  # name: [watchdog] settings, and [model] ones
+    "keep_loaded": ({"restart_after_requests": 0}, {}),
+    "restart_with_spare": ({"restart_after_requests": 1}, {}),
+    "restart_with_spare_weights_file_mapped": ({"restart_after_requests": 1}, {"huge_pages": "false"}),
+    "restart_with_spare_no_zygote": ({"restart_after_requests": 1, "zygote": "false"}, {}),
+    "restart_without_spare": ({"restart_after_requests": 1, "warm_spare": "false"}, {}),
+    "seed_style_no_spare_no_zygote": ({"restart_after_requests": 1, "warm_spare": "false", "zygote": "false"}, {}),
 }
 PASSES_PER_BLOCK = 3  # back-to-back passes over the prompts each watchdog gets in its turn
 
 
 def bench_watchdog(workdir: Path, rounds: int) -> dict:
-    """Every mode's watchdog runs at once; in each round, each takes its turn (the order rotating) for
-    a block of back-to-back requests, the first of which is not counted. Modes are compared prompt
-    by prompt: the median latency of each prompt, the difference to keep_loaded's, averaged over the
-    prompts. (A median over all requests would fall between the short and the long answers, where a
-    few requests decide it: runs of the same code differed by 100 ms that way.) n_threads is fixed:
-    with 0, a worker's thread count answers the other watchdogs' idle ticks, which is not what is
-    measured here."""
-    seconds = {name: {prompt: [] for prompt in range(len(PROMPTS))} for name in WATCHDOG_MODES}
+    """Every mode's watchdog runs at once, started afresh for each round; in a round, each takes its
+    turn (the order rotating) for a block of back-to-back requests, the first of which is not
+    counted. Modes are compared prompt by prompt: the median latency of each prompt, the difference
+    to keep_loaded's, averaged over the prompts. Before its turns, each watchdog answers LEARN_FROM + 1
+    short requests: the first workers' page reports cost them time at their exit, once in a zygote's
+    life, not in its steady state. Fresh watchdogs each round, because a process's
+    speed stays with it for its life (where its memory landed): two zygotes of the same code, side
+    by side, differed by 37 ms per request over a whole run, and so did keep-loaded's one worker.
+    (A median over all requests would fall between the short and the long answers, where a few
+    requests decide it.) n_threads is fixed: with 0, a worker's thread count answers the other
+    watchdogs' idle ticks, which is not what is measured here."""
+    seconds = {name: [{prompt: [] for prompt in range(len(PROMPTS))} for _ in range(rounds)] for name in WATCHDOG_MODES}
     errors, pids = {name: 0 for name in WATCHDOG_MODES}, {name: set() for name in WATCHDOG_MODES}
-    with contextlib.ExitStack() as stack:
-        watchdogs = {name: stack.enter_context(running_watchdog(write_config(
-            workdir / name, {"watchdog": overrides, "model": {"n_threads": os.cpu_count()}})))
-            for name, overrides in WATCHDOG_MODES.items()}
-        names = list(watchdogs)
-        for round_index in range(rounds):
+    names = list(WATCHDOG_MODES)
+    for round_index in range(rounds):
+        with contextlib.ExitStack() as stack:
+            watchdogs = {name: stack.enter_context(running_watchdog(write_config(
+                workdir / f"{name}-{round_index}",
+                {"watchdog": watchdog, "model": {"n_threads": os.cpu_count(), **model}})))
+                for name, (watchdog, model) in WATCHDOG_MODES.items()}
+            for watchdog in watchdogs.values():  # past the first workers, which report their pages (pages.py)
+                for _ in range(LEARN_FROM + 1):
+                    request(watchdog.base_url, "POST", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 1},
+                            headers={"Accept": "application/json"})
             for name in names[round_index % len(names):] + names[:round_index % len(names)]:
                 for index in range(-1, PASSES_PER_BLOCK * len(PROMPTS)):
                     started = time.monotonic()
@@ -220,17 +231,25 @@ def bench_watchdog(workdir: Path, rounds: int) -> dict:
                         errors[name] += 1
                         continue
                     if index >= 0:
-                        seconds[name][index % len(PROMPTS)].append(time.monotonic() - started)
-        idle_cpu = idle_cpu_fractions({name: watchdog.popen.pid for name, watchdog in watchdogs.items()}, 10.0)
-    keep = seconds["keep_loaded"]
+                        seconds[name][round_index][index % len(PROMPTS)].append(time.monotonic() - started)
+            if round_index == rounds - 1:
+                idle_cpu = idle_cpu_fractions({name: watchdog.popen.pid for name, watchdog in watchdogs.items()},
+                                              10.0)
+    def minus_keep_loaded(name: str, by_prompt: Callable[[str], dict]) -> float:
+        """The prompts' medians minus keep_loaded's, averaged over the prompts, in ms."""
+        mine, keep = by_prompt(name), by_prompt("keep_loaded")
+        return statistics.mean((median(mine[prompt]) - median(keep[prompt])) * 1000 for prompt in mine)
+
+    def all_rounds(name: str) -> dict:
+        return {prompt: [value for one in seconds[name] for value in one[prompt]] for prompt in range(len(PROMPTS))}
     results = {}
     for name in WATCHDOG_MODES:
-        per_prompt = {prompt: median(values) for prompt, values in seconds[name].items()}
         results[name] = {
-            "median_s_per_prompt": [round(value, 4) for value in per_prompt.values()],
-            "minus_keep_loaded_ms": statistics.mean(
-                (per_prompt[prompt] - median(keep[prompt])) * 1000 for prompt in per_prompt),
-            "requests": sum(len(values) for values in seconds[name].values()),
+            "median_s_per_prompt": [round(median(values), 4) for values in all_rounds(name).values()],
+            "minus_keep_loaded_ms": minus_keep_loaded(name, all_rounds),
+            "minus_keep_loaded_ms_by_round": [round(minus_keep_loaded(name, lambda mode: seconds[mode][index]), 1)
+                                              for index in range(rounds)],
+            "requests": sum(len(values) for values in all_rounds(name).values()),
             "errors": errors[name], "worker_pids": len(pids[name]), "idle_cpu_fraction": idle_cpu[name]}
     return results
 
