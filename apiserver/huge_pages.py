@@ -66,14 +66,15 @@ def proc_kib_field(path: str, field: str) -> int:
 
 
 def file_mappings(path: Path, maps: Optional[str] = None) -> List[Mapping]:
-    """This process's mappings of the file at path, from /proc/self/maps (or the text given)."""
+    """This process's read-only mappings of the file at path, from /proc/self/maps (or the text
+    given): a writable one may hold bytes the file does not."""
     if maps is None:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as handle:
             maps = handle.read()
     wanted, found = str(path.resolve()), []
     for line in maps.splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == wanted:
+        if len(fields) == 6 and fields[5] == wanted and "w" not in fields[1]:
             low, high = (int(bound, 16) for bound in fields[0].split("-"))
             found.append((low, high - low, int(fields[2], 16)))
     return found

@@ -46,6 +46,7 @@ def test_mappings_of_the_file_are_found_in_the_maps_text(tmp_path: Path):
     maps = (f"7f0000000000-7f0000400000 r--s 00000000 fd:01 1234                       {path}\n"
             f"7f0000400000-7f0000600000 r--s 00600000 fd:01 1234                       {path}\n"
             "7f0000600000-7f0000700000 rw-p 00000000 00:00 0 \n"
+            f"7f0000650000-7f0000660000 rw-p 00000000 fd:01 1234                       {path}\n"
             f"7f0000700000-7f0000800000 r--s 00000000 fd:01 99                         {path}.other\n")
     assert file_mappings(path, maps) == [(0x7F0000000000, 0x400000, 0), (0x7F0000400000, 0x200000, 0x600000)]
 
