@@ -19,7 +19,7 @@ changes shrink it, both done once in the zygote before it forks:
 Done only when the kernel gives huge pages (transparent_hugepage "always" or "madvise": 4 KiB
 anonymous pages would make forks slower, not faster); the weights only when the memory available
 holds a second copy while it is made. Anything else leaves the memory as it is, with a log line.
-Imports only the standard library.
+Imports pages (its reader of /proc/self/maps) and the standard library.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import os
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
+
+from apiserver.pages import memory_mappings
 
 log = logging.getLogger("gpt4all_api")
 
@@ -68,16 +70,9 @@ def proc_kib_field(path: str, field: str) -> int:
 def file_mappings(path: Path, maps: Optional[str] = None) -> List[Mapping]:
     """This process's read-only mappings of the file at path, from /proc/self/maps (or the text
     given): a writable one may hold bytes the file does not."""
-    if maps is None:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as handle:
-            maps = handle.read()
-    wanted, found = str(path.resolve()), []
-    for line in maps.splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == wanted and "w" not in fields[1]:
-            low, high = (int(bound, 16) for bound in fields[0].split("-"))
-            found.append((low, high - low, int(fields[2], 16)))
-    return found
+    wanted = str(path.resolve())
+    return [(low, size, offset) for low, size, permissions, offset, name in memory_mappings(maps)
+            if name == wanted and "w" not in permissions]
 
 
 class _Libc:
@@ -169,16 +164,8 @@ def move_weights_into_huge_pages(model_file: Path) -> int:
 
 def private_anonymous_mappings(maps: Optional[str] = None) -> List[Tuple[int, int]]:
     """This process's private writable anonymous mappings (and the heap) as (address, length)."""
-    if maps is None:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as handle:
-            maps = handle.read()
-    found = []
-    for line in maps.splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) >= 5 and fields[1] == "rw-p" and (len(fields) == 5 or fields[5].strip() == "[heap]"):
-            low, high = (int(bound, 16) for bound in fields[0].split("-"))
-            found.append((low, high - low))
-    return found
+    return [(low, size) for low, size, permissions, _, name in memory_mappings(maps)
+            if permissions == "rw-p" and name in ("", "[heap]")]
 
 
 def collapse_into_huge_pages() -> int:

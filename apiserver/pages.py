@@ -26,7 +26,7 @@ import select
 import signal
 import struct
 import time
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 log = logging.getLogger("gpt4all_api")
 
@@ -38,16 +38,25 @@ LEARN_FROM = 12  # workers that report the pages they wrote: each costs it 30 - 
 MAX_LEARNED = 64 << 20  # bytes: a bound on each forked worker's pre-warm copy
 
 
+def memory_mappings(maps: Optional[str] = None) -> List[Tuple[int, int, str, int, str]]:
+    """This process's mappings, from /proc/self/maps (or the text given): (address, length,
+    permissions, offset in the file, path or "")."""
+    if maps is None:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as handle:
+            maps = handle.read()
+    found = []
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) >= 5:
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            found.append((low, high - low, fields[1], int(fields[2], 16), fields[5].strip() if len(fields) == 6 else ""))
+    return found
+
+
 def private_writable_mappings() -> Ranges:
     """This process's private writable mappings (anonymous memory, the heap, libraries' data)."""
-    ranges: Ranges = []
-    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-        for line in maps:
-            fields = line.split()
-            if fields[1].startswith("rw") and fields[1][3] == "p":
-                low, high = (int(bound, 16) for bound in fields[0].split("-"))
-                ranges.append((low, high - low))
-    return ranges
+    return [(low, size) for low, size, permissions, _, _ in memory_mappings()
+            if permissions.startswith("rw") and permissions[3] == "p"]
 
 
 def own_written_pages() -> Ranges:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from apiserver import huge_pages as weights
+from apiserver import huge_pages
 from apiserver.huge_pages import file_mappings, huge_pages_available, move_weights_into_huge_pages
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux: /proc/self/maps, mremap")
@@ -53,7 +53,7 @@ def test_mappings_of_the_file_are_found_in_the_maps_text(tmp_path: Path):
 
 def test_the_mapping_becomes_anonymous_memory_holding_the_same_bytes(mapped_file, monkeypatch):
     path, content, mapping = mapped_file
-    monkeypatch.setattr(weights, "huge_pages_available", lambda: True)  # the move works without them too
+    monkeypatch.setattr(huge_pages, "huge_pages_available", lambda: True)  # the move works without them too
     (address, length, _), = file_mappings(path)
     assert length == -(-len(content) // mmap.PAGESIZE) * mmap.PAGESIZE
     assert move_weights_into_huge_pages(path) == length
@@ -66,12 +66,12 @@ def test_the_mapping_becomes_anonymous_memory_holding_the_same_bytes(mapped_file
 
 def test_without_huge_pages_or_memory_the_file_stays_mapped(mapped_file, monkeypatch, caplog):
     path, content, mapping = mapped_file
-    monkeypatch.setattr(weights, "huge_pages_available", lambda: False)
+    monkeypatch.setattr(huge_pages, "huge_pages_available", lambda: False)
     with caplog.at_level(logging.INFO, logger="gpt4all_api"):
         assert move_weights_into_huge_pages(path) == 0
     assert "transparent huge pages are off" in caplog.text
-    monkeypatch.setattr(weights, "huge_pages_available", lambda: True)
-    monkeypatch.setattr(weights, "proc_kib_field", lambda path, field: 5 << 20)
+    monkeypatch.setattr(huge_pages, "huge_pages_available", lambda: True)
+    monkeypatch.setattr(huge_pages, "proc_kib_field", lambda path, field: 5 << 20)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="gpt4all_api"):
         assert move_weights_into_huge_pages(path) == 0
@@ -82,11 +82,11 @@ def test_without_huge_pages_or_memory_the_file_stays_mapped(mapped_file, monkeyp
 
 def test_a_failed_copy_leaves_the_file_mapped_and_nothing_behind(mapped_file, monkeypatch, caplog):
     path, content, mapping = mapped_file
-    monkeypatch.setattr(weights, "huge_pages_available", lambda: True)
+    monkeypatch.setattr(huge_pages, "huge_pages_available", lambda: True)
 
     def failing_read(fd: int, address: int, length: int, offset: int) -> None:
         raise OSError(5, "Input/output error")
-    monkeypatch.setattr(weights, "read_into", failing_read)
+    monkeypatch.setattr(huge_pages, "read_into", failing_read)
     with open("/proc/self/maps", encoding="utf-8") as maps:
         before = maps.read().count("\n")
     with caplog.at_level(logging.INFO, logger="gpt4all_api"):
@@ -103,15 +103,15 @@ def test_private_anonymous_mappings_are_read_from_the_maps_text():
             "7f0000800000-7f0000900000 r--p 00000000 00:00 0 \n"
             "7f0000900000-7f0000a00000 rw-p 00001000 fd:01 77                         /usr/lib/libx.so\n"
             "7ffc00000000-7ffc00100000 rw-p 00000000 00:00 0                          [stack]\n")
-    assert weights.private_anonymous_mappings(maps) == [(0x55D000000000, 0x400000), (0x7F0000000000, 0x800000)]
+    assert huge_pages.private_anonymous_mappings(maps) == [(0x55D000000000, 0x400000), (0x7F0000000000, 0x800000)]
 
 
 def test_dense_anonymous_memory_is_collapsed_into_huge_pages_with_its_bytes_unchanged(monkeypatch):
-    monkeypatch.setattr(weights, "huge_pages_available", lambda: True)
+    monkeypatch.setattr(huge_pages, "huge_pages_available", lambda: True)
     block = mmap.mmap(-1, 8 << 20)  # private anonymous memory, written all over
     content = os.urandom(8 << 20)
     block[:] = content
-    collapsed = weights.collapse_into_huge_pages()
+    collapsed = huge_pages.collapse_into_huge_pages()
     assert block[:] == content and collapsed >= 0
     release = tuple(int(part) for part in os.uname().release.split("-")[0].split(".")[:2])
     if release >= (6, 1) and huge_pages_available():

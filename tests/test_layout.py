@@ -20,7 +20,7 @@ ALLOWED_IMPORTS: Dict[str, Set[str]] = {
     "model": {"settings", "cpu_share"},
     "prefix": {"settings", "model"},
     "pages": set(),
-    "huge_pages": set(),
+    "huge_pages": {"pages"},
     "engine": {"settings", "protocol", "cpu_share", "model", "prefix"},
     "api": {"settings", "engine"},
     "fields": {"settings", "engine", "api"},
