@@ -278,23 +278,36 @@ class WorkerProcess:
 
 
 class ForkedProcess:
-    """What WorkerProcess needs of a Popen, for a worker forked by the zygote: our child only
-    because the watchdog is a child subreaper, so we wait for it by pid."""
+    """What WorkerProcess needs of a Popen, for a worker forked by the zygote. The zygote is its
+    parent and tells us its exit (Zygote.receive sets returncode); if the zygote died first, the
+    worker became our child (we are a child subreaper) and we wait for it ourselves."""
 
-    def __init__(self, pid: int, stdout: IO[bytes]) -> None:
-        self.pid, self.stdout = pid, stdout
+    def __init__(self, pid: int, stdout: IO[bytes], hear_zygote: Callable[[int], None]) -> None:
+        self.pid, self.stdout, self.hear_zygote = pid, stdout, hear_zygote
         self.returncode: Optional[int] = None
 
     def poll(self) -> Optional[int]:
         if self.returncode is None:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped elsewhere: its code is lost
-                self.returncode = -int(signal.SIGKILL)
+            except ChildProcessError:  # the zygote's child: its exit comes as a message
+                if not self.exists():
+                    self.hear_zygote(self.pid)  # the zygote sent it before the pid could go
+                    if self.returncode is None:  # lost with the zygote
+                        self.returncode = -int(signal.SIGKILL)
             else:
                 if pid:
                     self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
+
+    def exists(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # the pid is another user's now
+            return False
+        return True
 
 
 def become_subreaper() -> bool:
@@ -329,6 +342,7 @@ class Zygote:
         # yet taken by spawn().
         self.asked: Optional[Tuple[Path, socket.socket, int, float]] = None  # sentinel, our end, output, when
         self.forked: Optional[WorkerProcess] = None
+        self.workers: Dict[int, ForkedProcess] = {}  # forked and not yet told to have exited
 
     @property
     def loading(self) -> bool:
@@ -359,10 +373,12 @@ class Zygote:
             while self.process.poll() is None:
                 time.sleep(0.01)
             self.process.close()
+        self.receive()  # the exits it told before it died; its living workers are our children now
         if self.channel is not None:
             self.selector.unregister(self.channel)
             self.channel.close()
         self.process, self.channel, self.ready = None, None, False
+        self.workers.clear()
         self.forget_fork()
 
     def forget_fork(self) -> None:
@@ -380,7 +396,8 @@ class Zygote:
             self.forked = None
 
     def receive(self) -> None:
-        """The zygote speaks: "ready <load seconds>" once, then the pid of each worker it forked."""
+        """The zygote speaks: "ready <load seconds>" once, then the pid of each worker it forked,
+        and "exit <pid> <code>" when one ends."""
         while self.channel is not None:
             try:
                 message = self.channel.recv(64).decode("ascii", "replace")
@@ -401,11 +418,29 @@ class Zygote:
                 except ValueError:
                     pass
                 log.info("zygote (pid %d) ready: workers are forked from it", self.process.pid)
+            elif word == "exit":
+                self.worker_exited(seconds)
             elif word.isdigit() and self.asked is not None:
                 sentinel, ours, output_read, _ = self.asked
                 self.asked = None
-                self.forked = WorkerProcess(ForkedProcess(int(word), os.fdopen(output_read, "rb", buffering=0)),
-                                            ours, sentinel, self.selector)
+                process = ForkedProcess(int(word), os.fdopen(output_read, "rb", buffering=0), self.worker_gone)
+                self.workers[process.pid] = process
+                self.forked = WorkerProcess(process, ours, sentinel, self.selector)
+
+    def worker_gone(self, pid: int) -> None:
+        """A worker's pid is gone: read what the zygote said of it, and wait for its word no more."""
+        self.receive()
+        self.workers.pop(pid, None)
+
+    def worker_exited(self, pid_and_code: str) -> None:
+        """ "exit <pid> <code>": one of the zygote's workers ended (it is reaped right after)."""
+        try:
+            pid, code = map(int, pid_and_code.split())
+        except ValueError:
+            return
+        process = self.workers.pop(pid, None)
+        if process is not None:
+            process.returncode = code
 
     def check(self, now: float, may_start: bool) -> None:
         """Notice readiness and deaths; restart a dead zygote (when may_start: a worker serves and

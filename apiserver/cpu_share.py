@@ -42,15 +42,20 @@ def process_cpu_ticks(pid: int, reaped_children: bool = False, proc: Path = Path
 
 
 def family_cpu_seconds(root: int, proc: Path = Path("/proc")) -> float:
-    """CPU seconds of process root (a worker's watchdog) and of its children, reaped or not: under
-    the watchdog, the other workers (the one before us still generating, the zygote) are ours too."""
-    ticks = process_cpu_ticks(root, reaped_children=True, proc=proc)
-    for child in (proc / str(root) / "task" / str(root) / "children").read_text().split():
+    """CPU seconds of process root (a worker's watchdog) and of its descendants, reaped or not:
+    under the watchdog, the other workers (the one before us still generating, the zygote and the
+    workers it forked) are ours too."""
+    return family_cpu_ticks(root, proc) / os.sysconf("SC_CLK_TCK")
+
+
+def family_cpu_ticks(pid: int, proc: Path) -> int:
+    ticks = process_cpu_ticks(pid, reaped_children=True, proc=proc)  # the reaped: their whole family's
+    for child in (proc / str(pid) / "task" / str(pid) / "children").read_text().split():
         try:
-            ticks += process_cpu_ticks(int(child), proc=proc)
+            ticks += family_cpu_ticks(int(child), proc)
         except FileNotFoundError:
             pass  # reaped in between: counted, or lost for one reading
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return ticks
 
 
 class CpuShare:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -114,6 +114,18 @@ class Process:
         self.popen.wait()
         self.output.close()
         return self.popen.returncode
+
+
+def descendants(pid: int) -> List[int]:
+    """Pids of a process's children, theirs and so on: the watchdog's workers are the zygote's children."""
+    found: List[int] = []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return found
+    for child in map(int, children):
+        found += [child] + descendants(child)
+    return found
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, process: Process, what: str) -> Any:

@@ -115,17 +115,18 @@ def test_cpu_share_without_proc_stat_is_off() -> None:
     assert share.previous is None and share.update(True) == 4
 
 
-def test_family_cpu_seconds_adds_the_watchdog_its_reaped_and_its_live_children(tmp_path: Path) -> None:
-    def stat(pid: int, utime: int, stime: int, cutime: int, cstime: int) -> None:
-        (tmp_path / str(pid)).mkdir(exist_ok=True)
+def test_family_cpu_seconds_adds_the_watchdog_and_its_descendants_reaped_and_live(tmp_path: Path) -> None:
+    def stat(pid: int, utime: int, stime: int, cutime: int, cstime: int, children: str = "") -> None:
+        (tmp_path / str(pid) / "task" / str(pid)).mkdir(parents=True)
         fields = ["S"] + ["0"] * 10 + [str(utime), str(stime), str(cutime), str(cstime)] + ["0"] * 30
         (tmp_path / str(pid) / "stat").write_text(f"{pid} (python (x) y) " + " ".join(fields) + "\n")
-    stat(10, 100, 50, 1000, 200)
-    stat(11, 300, 30, 7, 7)  # a child's own reaped children are not counted twice
-    (tmp_path / "10" / "task" / "10").mkdir(parents=True)
-    (tmp_path / "10" / "task" / "10" / "children").write_text("11 12 ")  # 12: gone before we read it
+        (tmp_path / str(pid) / "task" / str(pid) / "children").write_text(children)
+    stat(10, 100, 50, 1000, 200, "11 12 ")  # 12: gone before we read it
+    stat(11, 300, 30, 7, 7, "13")  # the zygote: the workers it reaped, and the one still running
+    stat(13, 40, 4, 0, 0)
     ticks = cpu_share.os.sysconf("SC_CLK_TCK")
-    assert cpu_share.family_cpu_seconds(10, proc=tmp_path) == pytest.approx((100 + 50 + 1000 + 200 + 330) / ticks)
+    assert cpu_share.family_cpu_seconds(10, proc=tmp_path) == pytest.approx(
+        (100 + 50 + 1000 + 200 + 330 + 14 + 44) / ticks)
 
 
 def test_runner_sets_the_thread_count_between_tokens_and_logs_it(caplog: pytest.LogCaptureFixture) -> None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from conftest import MODELS, REPO, Process, free_port, request, wait_until
+from conftest import MODELS, REPO, Process, descendants, free_port, request, wait_until
 
 SHORT = {"prompt": "What is the capital of France?", "persona": "You are a geography teacher.",
          "temperature": 0, "max_tokens": 6}
@@ -127,10 +127,10 @@ def test_a_missing_model_gets_503_at_once_and_the_service_returns_when_it_is_put
     assert status == 200 and "Paris" in body.decode(), body
 
 
-def child_names(process: Process) -> List[str]:
-    """What ps shows for the children of a process."""
+def descendant_names(process: Process) -> List[str]:
+    """What ps shows for the descendants of a process."""
     names = []
-    for pid in Path(f"/proc/{process.popen.pid}/task/{process.popen.pid}/children").read_text().split():
+    for pid in descendants(process.popen.pid):
         try:
             names.append(Path(f"/proc/{pid}/comm").read_text().strip())
         except OSError:
@@ -152,7 +152,7 @@ def test_port_on_the_command_line_runs_a_second_instance_beside_the_first(start)
             assert status == 200 and "Paris" in body.decode(), body
         names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in (first.popen.pid, second.popen.pid)}
         assert names == {"gpt4all-watcher"}
-        wait_until(lambda: child_names(second) == ["gpt4all-spare", "gpt4all-worker", "gpt4all-zygote"], 30, second,
+        wait_until(lambda: descendant_names(second) == ["gpt4all-spare", "gpt4all-worker", "gpt4all-zygote"], 30, second,
                    "the spare, the worker and the zygote named for ps")
     finally:
         second.stop()

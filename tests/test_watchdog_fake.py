@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from conftest import REPO, Process, free_port, request, wait_until, write_config
+from conftest import REPO, Process, descendants, free_port, request, wait_until, write_config
 
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
 CRON_ENV = {"PATH": "/usr/bin:/bin", "GPT4ALL_API_WORKER_SCRIPT": str(FAKE_WORKER)}
@@ -124,6 +124,38 @@ def test_a_spare_waits_for_the_loading_zygote_and_is_forked_from_it(start: Calla
     logs = read_log(watchdog, "watchdog.log")
     assert logs.index("workers are forked from it") < logs.index("worker 2 "), logs
     assert "in the background" not in read_log(watchdog, "server.log"), "no spare was started the ordinary way"
+
+
+def zombies_under(pid: int) -> List[int]:
+    return [child for child in descendants(pid) if process_state(child) == "Z"]
+
+
+def process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def test_the_workers_of_a_killed_zygote_serve_on_and_are_reaped(start: Callable[..., Process]) -> None:
+    """The zygote is its workers' parent and tells the watchdog their exits; when it dies they become
+    the watchdog's children (a subreaper), which then waits for them itself."""
+    watchdog = start_watchdog(start, restart_after_requests=1)
+    wait_until(lambda: "workers are forked from it" in read_log(watchdog, "watchdog.log"), 10, watchdog, "the zygote")
+    served = {get(watchdog)["pid"] for _ in range(3)}
+    wait_until(lambda: not zombies_under(watchdog.popen.pid), 5, watchdog, "the zygote to reap its workers")
+    zygote = int(re.findall(r"zygote \(pid (\d+)\) ready", read_log(watchdog, "watchdog.log"))[-1])
+    orphans = set(worker_pids(watchdog))
+    assert orphans and all(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(zygote)
+                           for pid in orphans), "the zygote forks the workers itself"
+    os.kill(zygote, signal.SIGKILL)
+    served |= {get(watchdog)["pid"] for _ in range(3)}  # the orphans first, then workers started without it
+    assert len(served) == 6
+    wait_until(lambda: not set(worker_pids(watchdog)) & orphans, 10, watchdog, "the orphans to be done")
+    wait_until(lambda: not zombies_under(watchdog.popen.pid), 5, watchdog, "no zombie left")
+    wait_until(lambda: read_log(watchdog, "watchdog.log").count("workers are forked from it") == 2, 10, watchdog,
+               "the next zygote")
+    assert "crashed" not in read_log(watchdog, "watchdog.log")
 
 
 def test_without_warm_spare_each_request_gets_a_fresh_worker_too(start: Callable[..., Process]) -> None:

@@ -16,9 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
-from conftest import REPO, Process, request, wait_until, write_config
+from conftest import REPO, Process, descendants, request, wait_until, write_config
 
 QUESTION = {"prompt": "What is the capital of France?", "persona": "You are a geography teacher.",
             "temperature": 0, "max_tokens": 12}
@@ -34,12 +32,8 @@ def ask(process: Process, body: dict = QUESTION, timeout: float = 120):
 
 
 def worker_pids(watchdog_pid: int) -> set:
-    """Pids of the watchdog's children: the workers and the zygote they are forked from."""
-    try:
-        output = subprocess.run(["ps", "-o", "pid=", "--ppid", str(watchdog_pid)], capture_output=True, text=True)
-    except FileNotFoundError:
-        pytest.skip("ps is not available")
-    return {int(line) for line in output.stdout.split()}
+    """Pids of the watchdog's descendants: the zygote and the workers it forked."""
+    return set(descendants(watchdog_pid))
 
 
 def process_alive(pid: int) -> bool:

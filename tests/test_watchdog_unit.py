@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import selectors
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -20,6 +23,7 @@ from apiserver.protocol import (EXIT_CANNOT_LOAD, MSG_CANCEL, MSG_CANCELLED, MSG
 from apiserver.api import ApiError, error_reply
 from apiserver.settings import Settings
 from apiserver.unavailable import unavailable_reply
+from conftest import REPO
 from watchdog import FORK_TIMEOUT, State, Supervisor, Worker, Zygote, describe_exit
 
 
@@ -725,3 +729,90 @@ def test_a_workers_written_pages_go_to_the_zygote(tmp_path: Path) -> None:
     zygote.stop()
     zygote.learn(b"[]")  # no zygote any more: dropped
     listener.close()
+
+
+def orphan_sleeper() -> int:
+    """A process of ours that is not our child, as a worker forked by the zygote is to the watchdog."""
+    return int(subprocess.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def fork_through(zygote: Zygote, theirs: socket.socket, pump, sentinel: Path, pid: int):
+    """Ask the zygote for a worker and answer as the zygote would, with pid."""
+    assert zygote.spawn(sentinel) is None
+    for fd in socket.recv_fds(theirs, 4096, 3)[1]:
+        os.close(fd)
+    theirs.send(str(pid).encode())
+    pump()
+    return zygote.spawn(sentinel)
+
+
+def test_the_exit_of_a_forked_worker_is_what_the_zygote_says(tmp_path: Path) -> None:
+    zygote, theirs, pump, listener = zygote_with_our_end(tmp_path)
+    pids = [orphan_sleeper() for _ in range(3)]
+    try:
+        told, unread, lost = (fork_through(zygote, theirs, pump, tmp_path / f"worker-{index}.sentinel", pid)
+                              for index, pid in enumerate(pids))
+        assert told.poll() is None and unread.poll() is None  # alive, and not our children
+        theirs.send(f"exit {pids[0]} 7".encode())
+        pump()
+        assert told.poll() == 7
+        for pid in pids[1:]:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in pids[1:]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        theirs.send(f"exit {pids[1]} -15".encode())  # sent before the zygote reaped it: not read yet
+        assert unread.poll() == -15
+        assert lost.poll() == -signal.SIGKILL  # gone, and the zygote said nothing
+        assert zygote.workers == {}
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for forked in (told, unread, lost):
+            forked.close()
+        zygote.stop()
+        listener.close()
+
+
+ZYGOTE_LOOP = """
+import os, signal, socket, sys
+from apiserver.protocol import serve_fork_requests
+if sys.argv[2] == "without pidfds":
+    del os.pidfd_open
+def run():
+    name = os.environ["GPT4ALL_API_SENTINEL"].rsplit("/", 1)[1]
+    if name == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return int(name)
+sys.exit(serve_fork_requests(socket.socket(fileno=int(sys.argv[1])), run))
+"""
+
+
+@pytest.mark.parametrize("how", ["with pidfds", "without pidfds"])
+def test_the_zygote_forks_each_worker_once_tells_its_exit_and_reaps_it(tmp_path: Path, how: str) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    loop = subprocess.Popen([sys.executable, "-c", ZYGOTE_LOOP, str(theirs.fileno()), how], cwd=REPO,
+                            pass_fds=[theirs.fileno()])
+    theirs.close()
+    read, write = os.pipe()
+    try:
+        ours.settimeout(30)
+        assert ours.recv(64).startswith(b"ready ")
+        for name, code in (("7", 7), ("killed", -signal.SIGKILL), ("0", 0)):
+            socket.send_fds(ours, [str(tmp_path / name).encode()], [read, write, write])
+            pid = int(ours.recv(64))
+            assert ours.recv(64) == f"exit {pid} {code}".encode()
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:  # reaped: no zombie left
+                time.sleep(0.01)
+            assert not Path(f"/proc/{pid}").exists()
+        ours.close()
+        assert loop.wait(30) == 0
+    finally:
+        os.close(read)
+        os.close(write)
+        if loop.poll() is None:
+            loop.kill()
+            loop.wait()
