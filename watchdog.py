@@ -303,9 +303,7 @@ class ForkedProcess:
     def exists(self) -> bool:
         try:
             os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # the pid is another user's now
+        except (ProcessLookupError, PermissionError):  # gone, or the pid is another user's now
             return False
         return True
 
@@ -410,16 +408,16 @@ class Zygote:
                 self.channel.close()
                 self.channel = None
                 return
-            word, _, seconds = message.partition(" ")
+            word, _, rest = message.partition(" ")
             if word == "ready" and not self.ready:
                 self.ready = True
                 try:
-                    self.load_seconds = float(seconds) if seconds else self.load_seconds
+                    self.load_seconds = float(rest) if rest else self.load_seconds
                 except ValueError:
                     pass
                 log.info("zygote (pid %d) ready: workers are forked from it", self.process.pid)
             elif word == "exit":
-                self.worker_exited(seconds)
+                self.worker_exited(rest)
             elif word.isdigit() and self.asked is not None:
                 sentinel, ours, output_read, _ = self.asked
                 self.asked = None
