@@ -529,6 +529,7 @@ class Worker:
     stop_deadline: float = math.inf  # RETIRING: when to send the next, harder signal
     terminated: bool = False  # SIGTERM sent
     killed: bool = False  # SIGKILL sent
+    answering: bool = False  # BUSY and its last generation not ended yet (no MSG_DONE or MSG_CANCEL)
 
     def __str__(self) -> str:
         return f"worker {self.serial} (pid {self.process.pid})"
@@ -567,6 +568,7 @@ class Supervisor:
         self.started_wall = time.time()
         self.backlog: Callable[[], Optional[int]] = lambda: None  # connections no worker accepted yet
         self.on_pages: Callable[[bytes], None] = lambda payload: None  # a worker's written pages, for the zygote
+        self.forks_quickly: Callable[[], bool] = lambda: False  # the next worker comes from a ready zygote
 
     @property
     def finished(self) -> bool:
@@ -588,11 +590,14 @@ class Supervisor:
     def message(self, worker: Worker, kind: bytes, payload: bytes) -> None:
         if kind == MSG_STOPPED_ACCEPTING and worker.state is State.ACTIVE:
             worker.state = State.BUSY  # tick() (right after this) activates a READY worker in its place
+            worker.answering = True
         elif kind == MSG_WANT_SLOT:
             self.want_slot(worker)
         elif kind == MSG_DONE:
+            worker.answering = False
             self.free_slot(worker)
         elif kind == MSG_CANCEL:
+            worker.answering = False
             self.free_slot(worker)
             worker.process.tell(MSG_CANCELLED)
         elif kind == MSG_REPORT:
@@ -831,6 +836,8 @@ class Supervisor:
         current = [worker for worker in self.workers if worker.state not in gone and not worker.outdated]
         if len(current) >= self.settings.workers + (1 if self.settings.warm_spare else 0):
             return
+        if self.spare_can_wait(current):
+            return
         serial = self.serial + 1
         try:
             process = self.spawn_process(state_file(self.settings, WORKER_SENTINEL, serial=serial))
@@ -846,6 +853,18 @@ class Supervisor:
         process.on_message = lambda kind, payload: self.message(worker, kind, payload)
         self.workers.append(worker)
         log.info("%s started", worker)
+
+    def spare_can_wait(self, current: List[Worker]) -> bool:
+        """Only the spare is missing, it would be forked from the zygote, and a generation runs (or
+        is about to: a worker turned BUSY and has not said it is done). Making a spare (the fork,
+        the pre-warm's copy, about 45 ms of CPU) beside a generation slows it by about as much: its
+        threads wait for each other. So the spare is forked once the generation ends, in the pause
+        before the next request when there is one. All `workers` accept meanwhile; when one stops
+        accepting, a spare is missing from them and is forked at once."""
+        return (len(current) == self.settings.workers and all(worker.state is State.ACTIVE for worker in current)
+                and self.forks_quickly()
+                and bool(self.running or self.waiting or any(worker.state is State.BUSY and worker.answering
+                                                             for worker in self.workers)))
 
     def unavailable(self, now: float) -> Optional[Tuple[str, float]]:
         """(why, seconds until the next try) while no worker will accept soon: none is active,
@@ -945,6 +964,7 @@ class Watchdog:
         self.responder.on_answer = lambda: self.supervisor.totals.add({"route": UNAVAILABLE_ROUTE, "status": 503})
         self.zygote = self.make_zygote(settings)
         self.supervisor.on_pages = self.forward_pages
+        self.supervisor.forks_quickly = lambda: bool(self.zygote and self.zygote.ready and not self.zygote.forking)
         self.next_stray_check = 0.0
 
     def make_zygote(self, settings: Settings) -> Optional[Zygote]:

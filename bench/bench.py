@@ -1,6 +1,6 @@
 """Benchmarks: the server and the watchdog against raw gpt4all, measured in the same run.
 
-    python bench/bench.py [server|watchdog|stream|ollama|tools|prefix|busy|all] [--rounds N]
+    python bench/bench.py [server|watchdog|paced|stream|ollama|tools|prefix|busy|all] [--rounds N]
 
 server    raw in-process generate() vs POST /gpt4all_api on the same prompts (temperature 0, same
           token counts): median latency ratio; /health p99 during a generation; start-to-ready vs
@@ -10,6 +10,8 @@ watchdog  back-to-back requests through watchdog.py: restart after every request
           behaviour, the model load paid by the next request), and restart_after_requests = 0;
           all five watchdogs up at once, taking turns in blocks, compared prompt by prompt;
           connection errors; the watchdog's idle CPU.
+paced     keep-loaded vs restart after every request with the warm spare and the zygote, as a
+          person or a bot uses the server: a pause of half a second between requests.
 stream    time to first token and tokens/s of a streamed /v1/chat/completions vs raw generate()
           with a callback.
 ollama    the same as stream, through Ollama's streamed /api/chat (NDJSON).
@@ -17,8 +19,10 @@ tools     tool-call answers through the server vs the same prompt through raw gp
           20 weather prompts that come back as valid tool_calls.
 prefix    a 300-token configured system prompt (evaluated once, in the zygote) and a short question:
           time to first token through the watchdog (restart after every request) vs raw gpt4all
-          evaluating the whole prompt; and the streamed tokens/s of a generation while the next
-          spare is forked and pre-warmed beside it (warm_spare) vs with no spare made meanwhile.
+          evaluating the whole prompt; and the streamed tokens/s of back-to-back generations with
+          a spare forked and pre-warmed for each (warm_spare; since the spare waits for the end of
+          the generation it would slow, it is made beside the next request's prompt) vs with no
+          spare made at all.
 busy      the server beside one busy program (another session, one core): n_threads = 0, which
           leaves that core alone, vs n_threads = every core; both against the idle machine
           (at most 2 passes: the fixed count can take tens of seconds per request).
@@ -235,22 +239,63 @@ def bench_watchdog(workdir: Path, rounds: int) -> dict:
             if round_index == rounds - 1:
                 idle_cpu = idle_cpu_fractions({name: watchdog.popen.pid for name, watchdog in watchdogs.items()},
                                               10.0)
+    results = compare_to_keep_loaded(seconds)
+    for name in WATCHDOG_MODES:
+        results[name].update({"errors": errors[name], "worker_pids": len(pids[name]), "idle_cpu_fraction": idle_cpu[name]})
+    return results
+
+
+def compare_to_keep_loaded(seconds: dict) -> dict:
+    """seconds[mode][round][prompt]: latencies. Per mode: each prompt's median, and those medians
+    minus keep_loaded's, averaged over the prompts (in ms), over all rounds and round by round."""
     def minus_keep_loaded(name: str, by_prompt: Callable[[str], dict]) -> float:
-        """The prompts' medians minus keep_loaded's, averaged over the prompts, in ms."""
         mine, keep = by_prompt(name), by_prompt("keep_loaded")
         return statistics.mean((median(mine[prompt]) - median(keep[prompt])) * 1000 for prompt in mine)
 
     def all_rounds(name: str) -> dict:
         return {prompt: [value for one in seconds[name] for value in one[prompt]] for prompt in range(len(PROMPTS))}
-    results = {}
-    for name in WATCHDOG_MODES:
-        results[name] = {
-            "median_s_per_prompt": [round(median(values), 4) for values in all_rounds(name).values()],
-            "minus_keep_loaded_ms": minus_keep_loaded(name, all_rounds),
-            "minus_keep_loaded_ms_by_round": [round(minus_keep_loaded(name, lambda mode: seconds[mode][index]), 1)
-                                              for index in range(rounds)],
-            "requests": sum(len(values) for values in all_rounds(name).values()),
-            "errors": errors[name], "worker_pids": len(pids[name]), "idle_cpu_fraction": idle_cpu[name]}
+    return {name: {
+        "median_s_per_prompt": [round(median(values), 4) for values in all_rounds(name).values()],
+        "minus_keep_loaded_ms": minus_keep_loaded(name, all_rounds),
+        "minus_keep_loaded_ms_by_round": [round(minus_keep_loaded(name, lambda mode: seconds[mode][index]), 1)
+                                          for index in range(len(seconds[name]))],
+        "requests": sum(len(values) for values in all_rounds(name).values())} for name in seconds}
+
+
+PAUSE = 0.5  # seconds between paced requests: more than a spare takes to be forked and pre-warmed
+
+
+def bench_paced(workdir: Path, rounds: int) -> dict:
+    """keep_loaded against restart_with_spare as a person or a bot uses a server: a pause between
+    requests. Both watchdogs run at once, started afresh each round; after LEARN_FROM + 1 short
+    requests each, their requests alternate one by one (PASSES_PER_BLOCK passes over the prompts),
+    PAUSE seconds apart. Compared as bench_watchdog compares."""
+    modes = ("keep_loaded", "restart_with_spare")
+    seconds = {name: [{prompt: [] for prompt in range(len(PROMPTS))} for _ in range(rounds)] for name in modes}
+    errors = {name: 0 for name in modes}
+    for round_index in range(rounds):
+        with contextlib.ExitStack() as stack:
+            watchdogs = {name: stack.enter_context(running_watchdog(write_config(
+                workdir / f"paced-{name}-{round_index}",
+                {"watchdog": WATCHDOG_MODES[name][0], "model": {"n_threads": os.cpu_count()}}))) for name in modes}
+            for watchdog in watchdogs.values():
+                for _ in range(LEARN_FROM + 1):
+                    request(watchdog.base_url, "POST", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 1},
+                            headers={"Accept": "application/json"})
+            order = modes if round_index % 2 == 0 else modes[::-1]
+            for index in range(PASSES_PER_BLOCK * len(PROMPTS)):
+                for name in order:
+                    time.sleep(PAUSE)
+                    started = time.monotonic()
+                    try:
+                        post_generate(watchdogs[name].base_url, PROMPTS[index % len(PROMPTS)])
+                    except (OSError, http.client.HTTPException, RuntimeError):
+                        errors[name] += 1
+                        continue
+                    seconds[name][round_index][index % len(PROMPTS)].append(time.monotonic() - started)
+    results = compare_to_keep_loaded(seconds)
+    for name in modes:
+        results[name]["errors"] = errors[name]
     return results
 
 
@@ -470,7 +515,7 @@ def bench_prefix(workdir: Path, rounds: int) -> dict:
 
 def median_stream_speed(workdir: Path, name: str, overrides: dict, rounds: int) -> float:
     """Streamed tokens/s through the watchdog, restart after every request (a spare is forked and
-    pre-warmed during each generation when warm_spare is on)."""
+    pre-warmed for each request when warm_spare is on)."""
     with running_watchdog(write_config(workdir / name, overrides)) as watchdog:
         speeds = [stream_chat(watchdog.base_url, prompt)[1] for _ in range(rounds) for prompt in PROMPTS]
     return median(speeds)
@@ -488,10 +533,10 @@ def bench_busy(workdir: Path, rounds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "stream", "ollama", "busy", "tools", "prefix", "all"])
+    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "paced", "stream", "ollama", "busy", "tools", "prefix", "all"])
     parser.add_argument("--rounds", type=int, default=5, help="passes over the prompts (default %(default)s)")
     arguments = parser.parse_args()
-    run_benches({"server": bench_server, "watchdog": bench_watchdog, "stream": bench_stream, "busy": bench_busy,
+    run_benches({"server": bench_server, "watchdog": bench_watchdog, "paced": bench_paced, "stream": bench_stream, "busy": bench_busy,
                  "tools": bench_tools, "ollama": bench_ollama, "prefix": bench_prefix},
                 arguments.which, arguments.rounds, arguments.which)
 

@@ -525,6 +525,47 @@ def test_a_worker_whose_restart_is_due_is_busy_and_the_spare_takes_the_socket_at
     assert harness.supervisor.restarts["planned"] == 1
 
 
+def test_a_forked_spare_waits_for_the_end_of_the_generation_it_would_slow() -> None:
+    harness = Harness()
+    harness.supervisor.forks_quickly = lambda: True  # a ready zygote
+    active = harness.serving()
+    spare = harness.processes[1]
+    active.say(MSG_STOPPED_ACCEPTING)
+    harness.tick()
+    assert harness.state_of(spare) is State.ACTIVE, "the spare takes the socket at once, as always"
+    active.say(MSG_WANT_SLOT)
+    for _ in range(3):
+        harness.tick()
+    assert len(harness.processes) == 2, "no fork while the busy worker's generation runs"
+    active.say(MSG_DONE)
+    harness.tick()
+    assert len(harness.processes) == 3, "forked as soon as the generation ended, before the answer is sent"
+
+
+def test_a_spare_is_forked_at_once_when_no_worker_would_accept_without_it() -> None:
+    harness = Harness()
+    harness.supervisor.forks_quickly = lambda: True
+    active = harness.serving()
+    spare = harness.processes[1]
+    active.say(MSG_STOPPED_ACCEPTING)
+    harness.tick()
+    harness.tick()
+    assert len(harness.processes) == 2, "waiting: the busy worker has not said it is done"
+    spare.say(MSG_STOPPED_ACCEPTING)  # a second client came meanwhile: nobody accepts now
+    harness.tick()
+    assert len(harness.processes) == 3
+
+
+def test_a_spare_that_loads_its_own_model_is_not_held_back() -> None:
+    harness = Harness()  # forks_quickly: no ready zygote, the spare takes seconds to load
+    active = harness.serving()
+    active.say(MSG_STOPPED_ACCEPTING)
+    active.say(MSG_WANT_SLOT)
+    harness.tick()
+    harness.tick()
+    assert len(harness.processes) == 3
+
+
 def test_without_warm_spare_a_busy_worker_is_replaced_once_it_has_gone() -> None:
     harness = Harness(warm_spare=False)
     harness.tick()
