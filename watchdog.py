@@ -529,7 +529,6 @@ class Worker:
     stop_deadline: float = math.inf  # RETIRING: when to send the next, harder signal
     terminated: bool = False  # SIGTERM sent
     killed: bool = False  # SIGKILL sent
-    answering: bool = False  # BUSY and its last generation not ended yet (no MSG_DONE or MSG_CANCEL)
 
     def __str__(self) -> str:
         return f"worker {self.serial} (pid {self.process.pid})"
@@ -590,14 +589,11 @@ class Supervisor:
     def message(self, worker: Worker, kind: bytes, payload: bytes) -> None:
         if kind == MSG_STOPPED_ACCEPTING and worker.state is State.ACTIVE:
             worker.state = State.BUSY  # tick() (right after this) activates a READY worker in its place
-            worker.answering = True
         elif kind == MSG_WANT_SLOT:
             self.want_slot(worker)
         elif kind == MSG_DONE:
-            worker.answering = False
             self.free_slot(worker)
         elif kind == MSG_CANCEL:
-            worker.answering = False
             self.free_slot(worker)
             worker.process.tell(MSG_CANCELLED)
         elif kind == MSG_REPORT:
@@ -855,16 +851,17 @@ class Supervisor:
         log.info("%s started", worker)
 
     def spare_can_wait(self, current: List[Worker]) -> bool:
-        """Only the spare is missing, it would be forked from the zygote, and a generation runs (or
-        is about to: a worker turned BUSY and has not said it is done). Making a spare (the fork,
-        the pre-warm's copy, about 45 ms of CPU) beside a generation slows it by about as much: its
-        threads wait for each other. So the spare is forked once the generation ends, in the pause
-        before the next request when there is one. All `workers` accept meanwhile; when one stops
-        accepting, a spare is missing from them and is forked at once."""
+        """Only the spare is missing, it would be forked from the zygote, and a request is being
+        answered: a generation runs or waits for its slot, or a worker is BUSY (it stopped accepting
+        for its last request and has not yet removed its sentinel, which it does once the answer is
+        sent). Making a spare (the fork, the pre-warm's copy: 30 - 45 ms of CPU) beside a generation
+        slows it by about as much, since llama.cpp's threads wait for each other; so the spare is
+        forked after the answer, in the pause before the next request when there is one. All
+        `workers` accept meanwhile; when one of them stops accepting, more than the spare is
+        missing and the next worker is forked at once."""
         return (len(current) == self.settings.workers and all(worker.state is State.ACTIVE for worker in current)
                 and self.forks_quickly()
-                and bool(self.running or self.waiting or any(worker.state is State.BUSY and worker.answering
-                                                             for worker in self.workers)))
+                and bool(self.running or self.waiting or self.find(State.BUSY)))
 
     def unavailable(self, now: float) -> Optional[Tuple[str, float]]:
         """(why, seconds until the next try) while no worker will accept soon: none is active,

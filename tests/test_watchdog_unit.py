@@ -525,7 +525,7 @@ def test_a_worker_whose_restart_is_due_is_busy_and_the_spare_takes_the_socket_at
     assert harness.supervisor.restarts["planned"] == 1
 
 
-def test_a_forked_spare_waits_for_the_end_of_the_generation_it_would_slow() -> None:
+def test_a_forked_spare_waits_for_the_answer_it_would_slow() -> None:
     harness = Harness()
     harness.supervisor.forks_quickly = lambda: True  # a ready zygote
     active = harness.serving()
@@ -534,12 +534,27 @@ def test_a_forked_spare_waits_for_the_end_of_the_generation_it_would_slow() -> N
     harness.tick()
     assert harness.state_of(spare) is State.ACTIVE, "the spare takes the socket at once, as always"
     active.say(MSG_WANT_SLOT)
-    for _ in range(3):
-        harness.tick()
-    assert len(harness.processes) == 2, "no fork while the busy worker's generation runs"
+    harness.tick()
     active.say(MSG_DONE)
     harness.tick()
-    assert len(harness.processes) == 3, "forked as soon as the generation ended, before the answer is sent"
+    assert len(harness.processes) == 2, "no fork while the busy worker generates or sends its answer"
+    active.mtime = None  # answered: it removed its sentinel
+    harness.tick()
+    assert harness.state_of(active) is State.RETIRING and len(harness.processes) == 3
+
+
+def test_in_keep_loaded_mode_a_missing_spare_waits_for_the_running_generation() -> None:
+    harness = Harness(restart_after_requests=0)
+    harness.supervisor.forks_quickly = lambda: True
+    active = harness.serving()
+    active.say(MSG_WANT_SLOT)
+    harness.processes[1].returncode = -9  # the spare was killed
+    harness.tick()
+    harness.tick()
+    assert len(harness.processes) == 2
+    active.say(MSG_DONE)
+    harness.tick()
+    assert len(harness.processes) == 3
 
 
 def test_a_spare_is_forked_at_once_when_no_worker_would_accept_without_it() -> None:
