@@ -63,6 +63,29 @@ def test_each_request_gets_a_fresh_worker(start):
     assert health["pid"] not in pids and health["requests_served"] == 0
 
 
+def test_the_next_spare_is_forked_after_the_answer_not_beside_the_generation(start):
+    watchdog = start("watchdog.py")
+    watchdog.wait_ready()
+    server_log = watchdog.config.parent / "logs" / "server.log"
+    watchdog_log = watchdog.config.parent / "logs" / "watchdog.log"
+    wait_until(lambda: "forked from the zygote" in server_log.read_text(), 120, watchdog, "a spare forked from the zygote")
+    started = watchdog_log.read_text().count(") started")
+    answer = {}
+    asking = threading.Thread(target=lambda: answer.update(reply=ask(watchdog, {
+        "prompt": "Count from 1 to 60, separated by commas.", "temperature": 0, "max_tokens": 120})))
+    asking.start()
+    wait_until(lambda: watchdog_log.read_text().count(") active") >= 2, 30, watchdog, "the spare on the socket")
+    while asking.is_alive():  # the whole generation: the spare on the socket, none forked yet
+        assert watchdog_log.read_text().count(") started") == started, watchdog_log.read_text()
+        asking.join(0.1)
+    assert answer["reply"][0] == 200, answer
+    wait_until(lambda: watchdog_log.read_text().count(") started") == started + 1, 30, watchdog, "the next spare")
+    log_text = watchdog_log.read_text()
+    assert log_text.rindex("removed its sentinel") < log_text.rindex(") started"), log_text
+    status, pid, text = ask(watchdog)
+    assert status == 200 and "Paris" in text, (status, text)
+
+
 def test_a_silent_connection_does_not_hold_up_the_restart(start):
     watchdog = start("watchdog.py")
     watchdog.wait_ready()
