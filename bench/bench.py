@@ -201,6 +201,19 @@ WATCHDOG_MODES = {  # name: [watchdog] settings, and [model] ones
 PASSES_PER_BLOCK = 3  # back-to-back passes over the prompts each watchdog gets in its turn
 
 
+def watchdogs_past_learning(stack: contextlib.ExitStack, workdir: Path, modes: dict) -> dict:
+    """A fresh watchdog per mode ({name: ([watchdog] settings, [model] settings)}, n_threads fixed
+    at the core count), each taken past its first workers, which report their pages (pages.py)."""
+    watchdogs = {name: stack.enter_context(running_watchdog(write_config(
+        workdir / name, {"watchdog": watchdog, "model": {"n_threads": os.cpu_count(), **model}})))
+        for name, (watchdog, model) in modes.items()}
+    for watchdog in watchdogs.values():
+        for _ in range(LEARN_FROM + 1):
+            request(watchdog.base_url, "POST", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 1},
+                    headers={"Accept": "application/json"})
+    return watchdogs
+
+
 def bench_watchdog(workdir: Path, rounds: int) -> dict:
     """Every mode's watchdog runs at once, started afresh for each round; in a round, each takes its
     turn (the order rotating) for a block of back-to-back requests, the first of which is not
@@ -218,14 +231,7 @@ def bench_watchdog(workdir: Path, rounds: int) -> dict:
     names = list(WATCHDOG_MODES)
     for round_index in range(rounds):
         with contextlib.ExitStack() as stack:
-            watchdogs = {name: stack.enter_context(running_watchdog(write_config(
-                workdir / f"{name}-{round_index}",
-                {"watchdog": watchdog, "model": {"n_threads": os.cpu_count(), **model}})))
-                for name, (watchdog, model) in WATCHDOG_MODES.items()}
-            for watchdog in watchdogs.values():  # past the first workers, which report their pages (pages.py)
-                for _ in range(LEARN_FROM + 1):
-                    request(watchdog.base_url, "POST", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 1},
-                            headers={"Accept": "application/json"})
+            watchdogs = watchdogs_past_learning(stack, workdir / f"round-{round_index}", WATCHDOG_MODES)
             for name in names[round_index % len(names):] + names[:round_index % len(names)]:
                 for index in range(-1, PASSES_PER_BLOCK * len(PROMPTS)):
                     started = time.monotonic()
@@ -275,13 +281,8 @@ def bench_paced(workdir: Path, rounds: int) -> dict:
     errors = {name: 0 for name in modes}
     for round_index in range(rounds):
         with contextlib.ExitStack() as stack:
-            watchdogs = {name: stack.enter_context(running_watchdog(write_config(
-                workdir / f"paced-{name}-{round_index}",
-                {"watchdog": WATCHDOG_MODES[name][0], "model": {"n_threads": os.cpu_count()}}))) for name in modes}
-            for watchdog in watchdogs.values():
-                for _ in range(LEARN_FROM + 1):
-                    request(watchdog.base_url, "POST", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 1},
-                            headers={"Accept": "application/json"})
+            watchdogs = watchdogs_past_learning(stack, workdir / f"paced-{round_index}",
+                                                {name: WATCHDOG_MODES[name] for name in modes})
             order = modes if round_index % 2 == 0 else modes[::-1]
             for index in range(PASSES_PER_BLOCK * len(PROMPTS)):
                 for name in order:

@@ -565,7 +565,7 @@ def test_a_spare_is_forked_at_once_when_no_worker_would_accept_without_it() -> N
     active.say(MSG_STOPPED_ACCEPTING)
     harness.tick()
     harness.tick()
-    assert len(harness.processes) == 2, "waiting: the busy worker has not said it is done"
+    assert len(harness.processes) == 2, "waiting: the busy worker has not answered yet"
     spare.say(MSG_STOPPED_ACCEPTING)  # a second client came meanwhile: nobody accepts now
     harness.tick()
     assert len(harness.processes) == 3
