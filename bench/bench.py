@@ -1,6 +1,6 @@
 """Benchmarks: the server and the watchdog against raw gpt4all, measured in the same run.
 
-    python bench/bench.py [server|watchdog|paced|stream|ollama|tools|prefix|busy|all] [--rounds N]
+    python bench/bench.py [server|watchdog|restart|paced|stream|ollama|tools|prefix|busy|all] [--rounds N]
 
 server    raw in-process generate() vs POST /gpt4all_api on the same prompts (temperature 0, same
           token counts): median latency ratio; /health p99 during a generation; start-to-ready vs
@@ -8,8 +8,11 @@ server    raw in-process generate() vs POST /gpt4all_api on the same prompts (te
 watchdog  back-to-back requests through watchdog.py: restart after every request with the warm
           spare, without it, each with and without the zygote (without both: the original project's
           behaviour, the model load paid by the next request), and restart_after_requests = 0;
-          all five watchdogs up at once, taking turns in blocks, compared prompt by prompt;
+          all six watchdogs up at once, taking turns in short blocks (each after the machine
+          is quiet), compared prompt by prompt, with a standard error from pass to pass;
           connection errors; the watchdog's idle CPU.
+restart   the same for the target pair alone (keep-loaded, restart with spare and zygote): more
+          rounds of fresh watchdogs in the same time.
 paced     keep-loaded vs restart after every request with the warm spare and the zygote, as a
           person or a bot uses the server: a pause of half a second between requests.
 stream    time to first token and tokens/s of a streamed /v1/chat/completions vs raw generate()
@@ -38,6 +41,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -45,13 +49,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from apiserver.cpu_share import process_cpu_ticks  # noqa: E402
+from apiserver.cpu_share import process_cpu_ticks, read_proc_stat  # noqa: E402
 from apiserver.model import TEMPLATES, ensure_model_file  # noqa: E402
 from apiserver.pages import LEARN_FROM  # noqa: E402
 from apiserver.settings import Settings, load_settings  # noqa: E402
@@ -198,7 +202,7 @@ WATCHDOG_MODES = {  # name: [watchdog] settings, and [model] ones
     "restart_without_spare": ({"restart_after_requests": 1, "warm_spare": "false"}, {}),
     "seed_style_no_spare_no_zygote": ({"restart_after_requests": 1, "warm_spare": "false", "zygote": "false"}, {}),
 }
-PASSES_PER_BLOCK = 3  # back-to-back passes over the prompts each watchdog gets in its turn
+PASSES = 3  # per round: in each pass every watchdog takes its turn for one block
 
 
 def watchdogs_past_learning(stack: contextlib.ExitStack, workdir: Path, modes: dict) -> dict:
@@ -214,58 +218,114 @@ def watchdogs_past_learning(stack: contextlib.ExitStack, workdir: Path, modes: d
     return watchdogs
 
 
-def bench_watchdog(workdir: Path, rounds: int) -> dict:
-    """Every mode's watchdog runs at once, started afresh for each round; in a round, each takes its
-    turn (the order rotating) for a block of back-to-back requests, the first of which is not
-    counted. Modes are compared prompt by prompt: the median latency of each prompt, the difference
-    to keep_loaded's, averaged over the prompts. Before its turns, each watchdog answers LEARN_FROM + 1
+QUIET_CORES = 0.15  # the machine's CPU use, in cores, under which it counts as quiet between blocks
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the machine has spent busy since boot (another guest's share, steal, not counted)."""
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, read_proc_stat().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_quiet(window: float = 0.3, limit: float = 20.0) -> float:
+    """Wait until the machine used less than QUIET_CORES over window seconds (at most limit
+    seconds), so that what the last block left running (a spare's fork, a model's load) is over
+    before the next block starts; the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        before = machine_busy_seconds()
+        time.sleep(window)
+        if (machine_busy_seconds() - before) / window < QUIET_CORES:
+            break
+    return time.monotonic() - started
+
+
+def bench_watchdog(workdir: Path, rounds: int, modes: Optional[dict] = None) -> dict:
+    """Every mode's watchdog (WATCHDOG_MODES, or the modes given) runs at once, started afresh for
+    each round. A round is PASSES passes; in a pass each watchdog takes its turn (the order
+    shuffled, the same shuffles every run) for one block: once the machine is quiet, one short
+    request (not counted: after it the watchdog is in its steady state, a restart mode's next spare
+    forked beside the next request) and then each prompt once, back to back. Short blocks, each mode's close in time to the others': this
+    machine's speed swings by 20 – 100 % over tens of seconds (a neighbour on the host), which long
+    blocks turned into differences between modes. Modes are compared prompt by prompt: the median
+    latency of each prompt, the difference to keep_loaded's, averaged over the prompts; and pass by
+    pass, which gives a standard error. Before its turns, each watchdog answers LEARN_FROM + 1
     short requests: the first workers' page reports cost them time at their exit, once in a zygote's
-    life, not in its steady state. Fresh watchdogs each round, because a process's
-    speed stays with it for its life (where its memory landed): two zygotes of the same code, side
-    by side, differed by 37 ms per request over a whole run, and so did keep-loaded's one worker.
-    (A median over all requests would fall between the short and the long answers, where a few
-    requests decide it.) n_threads is fixed: with 0, a worker's thread count answers the other
-    watchdogs' idle ticks, which is not what is measured here."""
-    seconds = {name: [{prompt: [] for prompt in range(len(PROMPTS))} for _ in range(rounds)] for name in WATCHDOG_MODES}
-    errors, pids = {name: 0 for name in WATCHDOG_MODES}, {name: set() for name in WATCHDOG_MODES}
-    names = list(WATCHDOG_MODES)
+    life, not in its steady state. Fresh watchdogs each round, because a process's speed may stay
+    with it for its life: two zygotes of the same code, side by side, once differed by 37 ms per
+    request over a whole run. (A median over all requests would fall between the short and the
+    long answers, where a few requests decide it.) n_threads is fixed: with 0, a worker's thread
+    count answers the other watchdogs' idle ticks, which is not what is measured here."""
+    modes = WATCHDOG_MODES if modes is None else modes
+    seconds = {name: [] for name in modes}
+    errors, pids = {name: 0 for name in modes}, {name: set() for name in modes}
+    shuffles = random.Random(13)
     for round_index in range(rounds):
         with contextlib.ExitStack() as stack:
-            watchdogs = watchdogs_past_learning(stack, workdir / f"round-{round_index}", WATCHDOG_MODES)
-            for name in names[round_index % len(names):] + names[:round_index % len(names)]:
-                for index in range(-1, PASSES_PER_BLOCK * len(PROMPTS)):
-                    started = time.monotonic()
-                    try:
-                        pids[name].add(post_generate(watchdogs[name].base_url, PROMPTS[index % len(PROMPTS)])[3])
-                    except (OSError, http.client.HTTPException, RuntimeError):
-                        errors[name] += 1
-                        continue
-                    if index >= 0:
-                        seconds[name][round_index][index % len(PROMPTS)].append(time.monotonic() - started)
+            watchdogs = watchdogs_past_learning(stack, workdir / f"round-{round_index}", modes)
+            for _ in range(PASSES):
+                order = list(modes)
+                shuffles.shuffle(order)
+                for name in order:
+                    block = {prompt: [] for prompt in range(len(PROMPTS))}
+                    seconds[name].append(block)
+                    wait_until_quiet()
+                    for index in range(-1, len(PROMPTS)):
+                        started = time.monotonic()
+                        try:
+                            pids[name].add(post_generate(watchdogs[name].base_url, PROMPTS[max(index, 0)])[3])
+                        except (OSError, http.client.HTTPException, RuntimeError):
+                            errors[name] += 1
+                            continue
+                        if index >= 0:
+                            block[index].append(time.monotonic() - started)
             if round_index == rounds - 1:
                 idle_cpu = idle_cpu_fractions({name: watchdog.popen.pid for name, watchdog in watchdogs.items()},
                                               10.0)
-    results = compare_to_keep_loaded(seconds)
-    for name in WATCHDOG_MODES:
+    results = compare_to_keep_loaded(seconds, PASSES)
+    for name in modes:
         results[name].update({"errors": errors[name], "worker_pids": len(pids[name]), "idle_cpu_fraction": idle_cpu[name]})
     return results
 
 
-def compare_to_keep_loaded(seconds: dict) -> dict:
-    """seconds[mode][round][prompt]: latencies. Per mode: each prompt's median, and those medians
-    minus keep_loaded's, averaged over the prompts (in ms), over all rounds and round by round."""
-    def minus_keep_loaded(name: str, by_prompt: Callable[[str], dict]) -> float:
-        mine, keep = by_prompt(name), by_prompt("keep_loaded")
-        return statistics.mean((median(mine[prompt]) - median(keep[prompt])) * 1000 for prompt in mine)
+TARGET_PAIR = ("keep_loaded", "restart_with_spare")
 
-    def all_rounds(name: str) -> dict:
-        return {prompt: [value for one in seconds[name] for value in one[prompt]] for prompt in range(len(PROMPTS))}
-    return {name: {
-        "median_s_per_prompt": [round(median(values), 4) for values in all_rounds(name).values()],
-        "minus_keep_loaded_ms": minus_keep_loaded(name, all_rounds),
-        "minus_keep_loaded_ms_by_round": [round(minus_keep_loaded(name, lambda mode: seconds[mode][index]), 1)
-                                          for index in range(len(seconds[name]))],
-        "requests": sum(len(values) for values in all_rounds(name).values())} for name in seconds}
+
+def bench_restart(workdir: Path, rounds: int) -> dict:
+    """The issue's target pair alone (keep_loaded, restart_with_spare), measured as bench_watchdog
+    measures: a third of its time per round, so more rounds of fresh watchdogs, each a new draw of
+    where their memory landed, in the same time."""
+    return bench_watchdog(workdir, rounds, {name: WATCHDOG_MODES[name] for name in TARGET_PAIR})
+
+
+def compare_to_keep_loaded(seconds: dict, blocks_per_round: int) -> dict:
+    """seconds[mode][block][prompt]: latencies, the blocks in the order they ran, blocks_per_round
+    of them for each round of fresh watchdogs; block i of every mode ran in the same pass. Per
+    mode: each prompt's median, and those medians minus keep_loaded's, averaged over the prompts
+    (in ms): over all blocks, round by round, and pass by pass (with the mean and standard error
+    of those)."""
+    def minus_keep_loaded(name: str, blocks: range) -> float:
+        def by_prompt(mode: str) -> list:
+            return [median([value for index in blocks for value in seconds[mode][index][prompt]])
+                    for prompt in range(len(PROMPTS))]
+        return statistics.mean((mine - keep) * 1000 for mine, keep in zip(by_prompt(name), by_prompt("keep_loaded")))
+
+    count = len(seconds["keep_loaded"])
+    everything, rounds = range(count), [range(start, start + blocks_per_round) for start in range(0, count, blocks_per_round)]
+    results = {}
+    for name in seconds:
+        passes = [minus_keep_loaded(name, range(index, index + 1)) for index in everything]
+        results[name] = {
+            "median_s_per_prompt": [round(median([value for block in seconds[name] for value in block[prompt]]), 4)
+                                    for prompt in range(len(PROMPTS))],
+            "minus_keep_loaded_ms": minus_keep_loaded(name, everything),
+            "minus_keep_loaded_ms_by_round": [round(minus_keep_loaded(name, blocks), 1) for blocks in rounds],
+            "minus_keep_loaded_ms_pass_by_pass": {
+                "mean": round(statistics.mean(passes), 1),
+                "standard_error": round(statistics.stdev(passes) / len(passes) ** 0.5, 1) if len(passes) > 1 else None,
+                "passes": len(passes)},
+            "requests": sum(len(values) for block in seconds[name] for values in block.values())}
+    return results
 
 
 PAUSE = 0.5  # seconds between paced requests: more than a spare takes to be forked and pre-warmed
@@ -274,27 +334,31 @@ PAUSE = 0.5  # seconds between paced requests: more than a spare takes to be for
 def bench_paced(workdir: Path, rounds: int) -> dict:
     """keep_loaded against restart_with_spare as a person or a bot uses a server: a pause between
     requests. Both watchdogs run at once, started afresh each round; after LEARN_FROM + 1 short
-    requests each, their requests alternate one by one (PASSES_PER_BLOCK passes over the prompts),
-    PAUSE seconds apart. Compared as bench_watchdog compares."""
-    modes = ("keep_loaded", "restart_with_spare")
-    seconds = {name: [{prompt: [] for prompt in range(len(PROMPTS))} for _ in range(rounds)] for name in modes}
+    requests each, their requests alternate one by one (PASSES passes over the prompts), PAUSE
+    seconds apart. Compared as bench_watchdog compares."""
+    modes = TARGET_PAIR
+    seconds = {name: [] for name in modes}
     errors = {name: 0 for name in modes}
     for round_index in range(rounds):
         with contextlib.ExitStack() as stack:
             watchdogs = watchdogs_past_learning(stack, workdir / f"paced-{round_index}",
                                                 {name: WATCHDOG_MODES[name] for name in modes})
             order = modes if round_index % 2 == 0 else modes[::-1]
-            for index in range(PASSES_PER_BLOCK * len(PROMPTS)):
-                for name in order:
-                    time.sleep(PAUSE)
-                    started = time.monotonic()
-                    try:
-                        post_generate(watchdogs[name].base_url, PROMPTS[index % len(PROMPTS)])
-                    except (OSError, http.client.HTTPException, RuntimeError):
-                        errors[name] += 1
-                        continue
-                    seconds[name][round_index][index % len(PROMPTS)].append(time.monotonic() - started)
-    results = compare_to_keep_loaded(seconds)
+            for _ in range(PASSES):
+                blocks = {name: {prompt: [] for prompt in range(len(PROMPTS))} for name in modes}
+                for name in modes:
+                    seconds[name].append(blocks[name])
+                for prompt in range(len(PROMPTS)):
+                    for name in order:
+                        time.sleep(PAUSE)
+                        started = time.monotonic()
+                        try:
+                            post_generate(watchdogs[name].base_url, PROMPTS[prompt])
+                        except (OSError, http.client.HTTPException, RuntimeError):
+                            errors[name] += 1
+                            continue
+                        blocks[name][prompt].append(time.monotonic() - started)
+    results = compare_to_keep_loaded(seconds, PASSES)
     for name in modes:
         results[name]["errors"] = errors[name]
     return results
@@ -534,10 +598,10 @@ def bench_busy(workdir: Path, rounds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "paced", "stream", "ollama", "busy", "tools", "prefix", "all"])
+    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "restart", "paced", "stream", "ollama", "busy", "tools", "prefix", "all"])
     parser.add_argument("--rounds", type=int, default=5, help="passes over the prompts (default %(default)s)")
     arguments = parser.parse_args()
-    run_benches({"server": bench_server, "watchdog": bench_watchdog, "paced": bench_paced, "stream": bench_stream, "busy": bench_busy,
+    run_benches({"server": bench_server, "watchdog": bench_watchdog, "restart": bench_restart, "paced": bench_paced, "stream": bench_stream, "busy": bench_busy,
                  "tools": bench_tools, "ollama": bench_ollama, "prefix": bench_prefix},
                 arguments.which, arguments.rounds, arguments.which)
 
