@@ -245,17 +245,18 @@ def bench_watchdog(workdir: Path, rounds: int, modes: Optional[dict] = None) -> 
     each round. A round is PASSES passes; in a pass each watchdog takes its turn (the order
     shuffled, the same shuffles every run) for one block: once the machine is quiet, one short
     request (not counted: after it the watchdog is in its steady state, a restart mode's next spare
-    forked beside the next request) and then each prompt once, back to back. Short blocks, each mode's close in time to the others': this
-    machine's speed swings by 20 – 100 % over tens of seconds (a neighbour on the host), which long
-    blocks turned into differences between modes. Modes are compared prompt by prompt: the median
-    latency of each prompt, the difference to keep_loaded's, averaged over the prompts; and pass by
-    pass, which gives a standard error. Before its turns, each watchdog answers LEARN_FROM + 1
-    short requests: the first workers' page reports cost them time at their exit, once in a zygote's
-    life, not in its steady state. Fresh watchdogs each round, because a process's speed may stay
-    with it for its life: two zygotes of the same code, side by side, once differed by 37 ms per
-    request over a whole run. (A median over all requests would fall between the short and the
-    long answers, where a few requests decide it.) n_threads is fixed: with 0, a worker's thread
-    count answers the other watchdogs' idle ticks, which is not what is measured here."""
+    forked beside the next request) and then each prompt once, back to back. Short blocks keep each
+    mode's requests close in time to the others': this machine's speed swings by 20 % to 2x over
+    tens of seconds (another guest on the host), which long blocks turned into differences between
+    modes. Modes are compared prompt by prompt: the median latency of each prompt, the difference
+    to keep_loaded's, averaged over the prompts; and pass by pass, which gives a standard error.
+    Before its turns, each watchdog answers LEARN_FROM + 1 short requests: the first workers' page
+    reports cost them time at their exit, once in a zygote's life, not in its steady state. Fresh
+    watchdogs each round, because a process's speed may stay with it for its life: two zygotes of
+    the same code, side by side, once differed by 37 ms per request over a whole run. (A median
+    over all requests would fall between the short and the long answers, where a few requests
+    decide it.) n_threads is fixed: with 0, a worker's thread count answers the other watchdogs'
+    idle ticks, which is not what is measured here."""
     modes = WATCHDOG_MODES if modes is None else modes
     seconds = {name: [] for name in modes}
     errors, pids = {name: 0 for name in modes}, {name: set() for name in modes}
@@ -311,7 +312,8 @@ def compare_to_keep_loaded(seconds: dict, blocks_per_round: int) -> dict:
         return statistics.mean((mine - keep) * 1000 for mine, keep in zip(by_prompt(name), by_prompt("keep_loaded")))
 
     count = len(seconds["keep_loaded"])
-    everything, rounds = range(count), [range(start, start + blocks_per_round) for start in range(0, count, blocks_per_round)]
+    everything = range(count)
+    rounds = [range(start, start + blocks_per_round) for start in range(0, count, blocks_per_round)]
     results = {}
     for name in seconds:
         passes = [minus_keep_loaded(name, range(index, index + 1)) for index in everything]
