@@ -227,17 +227,16 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_until_quiet(window: float = 0.3, limit: float = 20.0) -> float:
+def wait_until_quiet(window: float = 0.3, limit: float = 20.0) -> None:
     """Wait until the machine used less than QUIET_CORES over window seconds (at most limit
     seconds), so that what the last block left running (a spare's fork, a model's load) is over
-    before the next block starts; the seconds waited."""
-    started = time.monotonic()
-    while time.monotonic() - started < limit:
+    before the next block starts."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
         before = machine_busy_seconds()
         time.sleep(window)
         if (machine_busy_seconds() - before) / window < QUIET_CORES:
-            break
-    return time.monotonic() - started
+            return
 
 
 def bench_watchdog(workdir: Path, rounds: int, modes: Optional[dict] = None) -> dict:
