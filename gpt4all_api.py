@@ -40,7 +40,8 @@ from apiserver.pages import LearnedPages, Ranges, own_written_pages, populate, p
 from apiserver.prefix import Prefix, evaluate_prefix, pre_warm
 from apiserver.protocol import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD,
                                 EXIT_CANNOT_LOAD, EXIT_OK, HEARTBEAT_EVERY, MSG_LOADED, MSG_STOPPED_ACCEPTING,
-                                Sentinel, WatchdogLink, serve_fork_requests, set_process_name)
+                                Sentinel, WatchdogLink, set_process_name)
+from apiserver.forking import serve_fork_requests
 from apiserver.routes import build_app
 from apiserver.settings import Settings, add_address_arguments, configure_logging, load_settings
 

@@ -16,6 +16,7 @@ from conftest import REPO
 ALLOWED_IMPORTS: Dict[str, Set[str]] = {
     "settings": set(),
     "protocol": set(),
+    "forking": {"protocol"},
     "cpu_share": {"settings", "protocol"},
     "model": {"settings", "cpu_share"},
     "prefix": {"settings", "model"},

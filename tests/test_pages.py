@@ -1,5 +1,5 @@
 """The forked worker's pre-warm, learned from real requests (apiserver/pages.py), and its path from a
-worker through the watchdog to the zygote (protocol.serve_fork_requests)."""
+worker through the watchdog to the zygote (forking.serve_fork_requests)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 
 from apiserver import pages
 from apiserver.pages import LEARN_FROM, LearnedPages, clip_ranges, merge_ranges, private_writable_mappings
-from apiserver.protocol import EXIT_OK, ZYGOTE_PAGES, serve_fork_requests
+from apiserver.forking import serve_fork_requests
+from apiserver.protocol import EXIT_OK, ZYGOTE_PAGES
 
 
 def test_ranges_merge_and_clip():

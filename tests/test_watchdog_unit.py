@@ -834,7 +834,7 @@ def test_the_exit_of_a_forked_worker_is_what_the_zygote_says(tmp_path: Path) -> 
 
 ZYGOTE_LOOP = """
 import os, signal, socket, sys
-from apiserver.protocol import serve_fork_requests
+from apiserver.forking import serve_fork_requests
 if sys.argv[2] == "without pidfds":
     del os.pidfd_open
 def run():
