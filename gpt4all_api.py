@@ -38,9 +38,10 @@ from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_mode
 from apiserver.model_facts import gguf_header
 from apiserver.pages import LearnedPages, Ranges, own_written_pages, populate, probe_written_pages
 from apiserver.prefix import Prefix, evaluate_prefix, pre_warm
+from apiserver.reuse_setup import ReuseSetup, prepare_reuse
 from apiserver.protocol import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD,
-                                EXIT_CANNOT_LOAD, EXIT_OK, HEARTBEAT_EVERY, MSG_LOADED, MSG_STOPPED_ACCEPTING,
-                                Sentinel, WatchdogLink, set_process_name)
+                                ENV_ZYGOTE_SERVES, EXIT_CANNOT_LOAD, EXIT_OK, HEARTBEAT_EVERY, MSG_LOADED,
+                                MSG_STOPPED_ACCEPTING, Sentinel, WatchdogLink, set_process_name)
 from apiserver.forking import serve_fork_requests
 from apiserver.routes import build_app
 from apiserver.settings import Settings, add_address_arguments, configure_logging, load_settings
@@ -58,6 +59,7 @@ class Preloaded(NamedTuple):
     template: ChatTemplate
     cpu_share: Optional[CpuShare]
     prefix: Optional[Prefix]  # the system prompt, evaluated
+    reuse: ReuseSetup  # the turn markers' ids, and whether saved contexts can be restored
     written_pages: Ranges  # what a generation writes: copied before the worker is ready
     report_pages: bool = False  # tell the zygote, after the request, which pages this worker wrote
 
@@ -75,12 +77,19 @@ def lower_this_thread_priority() -> None:
         pass
 
 
+def saves_contexts(settings: Settings) -> bool:
+    """Workers that exit after their requests save their contexts for the next ones (prompt_cache)."""
+    return settings.prompt_cache and settings.restart_after_requests > 0
+
+
 class ModelLoader(threading.Thread):
     """Loads the model (or takes the zygote's) in the background; then runner or error is set."""
 
-    def __init__(self, settings: Settings, heartbeat: Sentinel, preloaded: Optional[Preloaded], background: bool):
+    def __init__(self, settings: Settings, heartbeat: Sentinel, preloaded: Optional[Preloaded], background: bool,
+                 worker: bool):
         super().__init__(name="model-loader", daemon=True)
         self.settings, self.heartbeat, self.preloaded, self.background = settings, heartbeat, preloaded, background
+        self.worker = worker  # run by the watchdog
         self.runner: Optional[ModelRunner] = None
         self.error: Optional[str] = None
         self.load_seconds: Optional[float] = None  # None: the zygote loaded it
@@ -92,7 +101,7 @@ class ModelLoader(threading.Thread):
         try:
             started = time.monotonic()
             if self.preloaded:
-                model, template, cpu_share, prefix, written_pages, _ = self.preloaded
+                model, template, cpu_share, prefix, reuse, written_pages, _ = self.preloaded
                 copied = populate(written_pages)  # the first request would copy them, slower
                 how = (f"forked from the zygote (pre-warmed: {copied / 2**20:.0f} MiB copied in "
                        f"{(time.monotonic() - started) * 1000:.0f} ms), which loaded")
@@ -100,9 +109,13 @@ class ModelLoader(threading.Thread):
                 model = load_model(settings)
                 template, cpu_share = choose_template(settings, settings.model_file), watch_cpu_share(settings)
                 self.load_seconds = time.monotonic() - started
+                # Where a zygote forks the workers, it runs the self-test, once: a worker that loaded
+                # its own model meanwhile serves a few requests at most, and saves nothing.
+                entries = self.worker and saves_contexts(settings) and os.environ.get(ENV_ZYGOTE_SERVES) != "1"
+                reuse = prepare_reuse(model, settings, template, entries)
                 prefix = evaluate_prefix(model, settings, template)
                 how = f"loaded in {self.load_seconds:.2f}s:"
-            self.runner = ModelRunner(model, settings, template, self.heartbeat.touch, cpu_share, prefix)
+            self.runner = ModelRunner(model, settings, template, self.heartbeat.touch, cpu_share, prefix, reuse)
             log.info("%s model %s (template %s, n_ctx %d)", how, settings.model_id, template.name, settings.n_ctx)
         except CannotLoad as error:
             self.error = str(error)
@@ -129,11 +142,12 @@ class WorkerLife:
         path = os.environ.get(ENV_SENTINEL)
         self.sentinel = Sentinel(Path(path) if self.worker and path else None)
         self.stop_accepting = False  # set by SIGTERM, or when the restart after N requests is due
+        self.restart_due = False  # the restart after N requests: the context is saved before the exit
         self.one_request_at_a_time = self.worker and settings.restart_after_requests > 0
         self.in_flight = 0  # requests begun (request line read) and not yet answered
         self.connections = 0  # accepted connections still open, silent and kept-alive ones included
         self.closed = False  # exiting: no request may begin any more
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()  # notified when a request or a connection ends
         self.activated = threading.Event()
         self.loader: Optional[ModelLoader] = None
         self.server_socket: Optional[socket.socket] = None
@@ -143,8 +157,9 @@ class WorkerLife:
     def generation_admitted(self, count: int) -> None:
         due = self.settings.restart_after_requests
         if self.worker and due and count >= due and not self.stop_accepting:
-            self.stop_accepting = True
+            self.stop_accepting = self.restart_due = True
             self.link.send(MSG_STOPPED_ACCEPTING)  # another worker takes the socket at once
+            self.app.runner.exit_after_this()
 
     def report_request(self, report: Dict[str, Any]) -> None:
         if self.link is not None:
@@ -177,10 +192,12 @@ class WorkerLife:
     def end_request(self) -> None:
         with self.lock:
             self.in_flight -= 1
+            self.lock.notify_all()
 
     def count_connection(self, change: int) -> None:
         with self.lock:
             self.connections += change
+            self.lock.notify_all()
 
     def close_when_idle(self, ignore_silent_connections: bool) -> bool:
         """True (and no request may begin any more) once no request is in flight and no connection
@@ -223,6 +240,7 @@ class WorkerLife:
             app.runner = self.loader.runner
             if self.link is not None:
                 app.runner.gate = self.link
+                app.runner.attach_cache(self.link)
                 self.link.on_running = app.runner.set_running_on_box
                 if self.loader.load_seconds is not None:
                     self.link.send(MSG_LOADED, f"{self.loader.load_seconds:.3f}".encode())
@@ -243,7 +261,7 @@ class WorkerLife:
         if server is None:
             return EXIT_CANNOT_LOAD
         background = self.worker and not self.preloaded and os.environ.get(ENV_BACKGROUND) == "1"
-        self.loader = ModelLoader(self.settings, self.sentinel, self.preloaded, background)
+        self.loader = ModelLoader(self.settings, self.sentinel, self.preloaded, background, self.worker)
         self.loader.start()
         if self.worker:  # not accepting yet: clients wait in the watchdog's backlog
             while self.loader.is_alive() and not self.stop_accepting:
@@ -262,9 +280,14 @@ class WorkerLife:
         # Let the requests already begun finish and reach their clients; connections accepted but
         # still silent get one more second to send theirs.
         silent_until = time.monotonic() + 1.0
-        while not self.close_when_idle(ignore_silent_connections=time.monotonic() > silent_until):
+        while True:
+            with self.lock:  # (re-entrant) checked and waited for under one hold: no end goes unseen
+                if self.close_when_idle(ignore_silent_connections=time.monotonic() > silent_until):
+                    break
+                self.lock.wait(0.05)
             self.idle_tick()
-            time.sleep(0.01)
+        if self.restart_due and self.app.runner is not None:
+            self.app.runner.save_context()  # the reply has left: the next workers may go on from it
         self.sentinel.remove()
         count = self.app.generations_admitted
         if count and self.link is not None and self.preloaded is not None and self.preloaded.report_pages:
@@ -297,6 +320,7 @@ def run_zygote(settings: Settings) -> int:
     load_seconds = time.monotonic() - started
     warm_up(model, settings)
     template = choose_template(settings, settings.model_file)
+    reuse = prepare_reuse(model, settings, template, entries=saves_contexts(settings))
     prefix = evaluate_prefix(model, settings, template)  # every forked worker starts with it evaluated
     written_pages = probe_written_pages(lambda: pre_warm(model, settings, template, prefix))
     if settings.huge_pages:  # the memory every worker starts from: fewer page-table entries to copy and drop
@@ -309,7 +333,7 @@ def run_zygote(settings: Settings) -> int:
     learned = LearnedPages(written_pages)  # and, from the first workers' requests, what a real one writes
 
     def run_worker() -> int:  # in the forked worker: what the zygote knew at the fork
-        return WorkerLife(settings, preloaded=Preloaded(model, template, cpu_share, prefix, learned.ranges,
+        return WorkerLife(settings, preloaded=Preloaded(model, template, cpu_share, prefix, reuse, learned.ranges,
                                                         report_pages=learned.wanted)).run()
     return serve_fork_requests(channel, run_worker, every_half_second=cpu_share.update if cpu_share else None,
                                load_seconds=load_seconds, on_pages=learned.receive)

@@ -27,8 +27,9 @@ backoff_max; backoff_max at once after one quick retry for EXIT_CANNOT_LOAD), an
 is active, ready or starting it answers the clients itself: 503 with the reason
 (apiserver/unavailable.py). SIGTERM or SIGINT: graceful stop, exit status 0. SIGHUP: re-read the
 config, roll the workers. Exit status 1: another watchdog holds the lock; 2: bad config or cannot
-listen. It imports only apiserver.settings, apiserver.protocol and apiserver.unavailable: never
-gpt4all, never the HTTP server (tests/test_layout.py checks). Read top to bottom: the worker's
+listen. The prompt cache's saved contexts live here too (apiserver/cache_store.py), so that they
+outlive the workers that saved them. It imports only apiserver.settings, protocol, unavailable,
+metrics and cache_store: never gpt4all, never the HTTP server (tests/test_layout.py checks). Read top to bottom: the worker's
 process, the state machine, the process-wide pieces, main().
 """
 
@@ -53,11 +54,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Callable, Deque, Dict, List, Optional, Tuple
+from typing import IO, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
+from apiserver.cache_store import CacheStore
 from apiserver.metrics import Box, Totals, accept_queue_length, render
 from apiserver.protocol import (BACKOFF_START, ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL,
-                                ENV_WATCHDOG_PID, ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, MAX_MESSAGE, MSG_CANCEL,
+                                ENV_WATCHDOG_PID, ENV_ZYGOTE_FD, ENV_ZYGOTE_SERVES, EXIT_CANNOT_LOAD, MAX_FDS, MAX_MESSAGE, MSG_CANCEL,
                                 MSG_CANCELLED, MSG_DONE, MSG_FULL, MSG_GO, MSG_LOADED, MSG_METRICS, MSG_PAGES,
                                 MSG_METRICS_TEXT, MSG_REPORT, MSG_RUNNING, MSG_STOPPED_ACCEPTING, MSG_WANT_SLOT,
                                 ZYGOTE_PAGES, Backoff, control_channel, set_process_name)
@@ -138,8 +140,8 @@ class WorkerProcess:
         selector.register(popen.stdout, selectors.EVENT_READ, self.read_output)
         control.setblocking(False)
         selector.register(control, selectors.EVENT_READ, self.read_messages)
-        # What the worker says on its control channel (kind, payload): set by the Supervisor.
-        self.on_message: Callable[[bytes, bytes], None] = lambda kind, payload: None
+        # What the worker says on its control channel (kind, payload, fds): set by the Supervisor.
+        self.on_message: Callable[..., None] = lambda kind, payload, fds=(): None
         self.partial_line = b""
         self.recent_lines: collections.deque = collections.deque(maxlen=OUTPUT_LINES_KEPT)
         self.echo_to_log = False
@@ -147,7 +149,7 @@ class WorkerProcess:
     @classmethod
     def spawn(cls, command: List[str], listen_fd: int, sentinel: Path,
               selector: selectors.BaseSelector, zygote_fd: Optional[int] = None,
-              background: bool = False) -> WorkerProcess:
+              background: bool = False, zygote_serves: bool = False) -> WorkerProcess:
         """Start a worker (or, with zygote_fd, the zygote) in its own process group; only it gets
         its end of the control channel. A background worker loads at idle priority. Our session,
         not one of its own: Linux's autogroup shares the CPU between sessions first, so in a session
@@ -157,7 +159,8 @@ class WorkerProcess:
         env = dict(os.environ, **{ENV_WATCHDOG_PID: str(os.getpid())})
         if zygote_fd is None:
             env.update({ENV_LISTEN_FD: str(listen_fd), ENV_CONTROL_FD: str(theirs.fileno()),
-                        ENV_SENTINEL: str(sentinel), ENV_BACKGROUND: "1" if background else "0"})
+                        ENV_SENTINEL: str(sentinel), ENV_BACKGROUND: "1" if background else "0",
+                        ENV_ZYGOTE_SERVES: "1" if zygote_serves else "0"})
             passed: Tuple[int, ...] = (listen_fd, theirs.fileno())
         else:  # the zygote hands each forked worker its own fds; it needs the channel only
             command, passed = command + ["--zygote"], (zygote_fd,)
@@ -186,27 +189,34 @@ class WorkerProcess:
     def activate(self) -> None:
         self.tell(b"A")
 
-    def tell(self, kind: bytes, payload: bytes = b"") -> None:
-        """One message on the control channel; lost if the worker has just died (poll() tells how)."""
+    def tell(self, kind: bytes, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
+        """One message on the control channel (with file descriptors, duplicated into the worker);
+        lost if the worker has just died (poll() tells how)."""
         if self.control is not None:
             try:
-                self.control.send(kind + payload)
+                if fds:
+                    socket.send_fds(self.control, [kind + payload], list(fds))
+                else:
+                    self.control.send(kind + payload)
             except OSError:
                 pass
 
     def read_messages(self) -> None:
-        """Pass each message the worker sent to on_message, until none is waiting."""
+        """Pass each message the worker sent to on_message, until none is waiting. The message's
+        file descriptors are on_message's to keep or close."""
         while self.control is not None:
             try:
-                data = self.control.recv(MAX_MESSAGE)
+                data, fds, _, _ = socket.recv_fds(self.control, MAX_MESSAGE, MAX_FDS)
             except BlockingIOError:
                 return
             except OSError:
-                data = b""
+                data, fds = b"", []
             if not data:
+                for fd in fds:
+                    os.close(fd)
                 self.close_control()
                 return
-            self.on_message(data[:1], data[1:])
+            self.on_message(data[:1], data[1:], fds)
 
     def close_control(self) -> None:
         if self.control is not None:
@@ -516,7 +526,7 @@ class State(enum.Enum):
     RETIRING = "retiring"  # sentinel removed or SIGTERM sent: waiting for its exit
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # one worker is one process: compared and hashed by identity
 class Worker:
     serial: int
     process: WorkerProcess
@@ -532,6 +542,11 @@ class Worker:
 
     def __str__(self) -> str:
         return f"worker {self.serial} (pid {self.process.pid})"
+
+
+def cache_budget(settings: Settings) -> int:
+    """The bytes the prompt cache's entries may hold (0: off)."""
+    return settings.prompt_cache_mb << 20 if settings.prompt_cache else 0
 
 
 class Supervisor:
@@ -568,6 +583,9 @@ class Supervisor:
         self.backlog: Callable[[], Optional[int]] = lambda: None  # connections no worker accepted yet
         self.on_pages: Callable[[bytes], None] = lambda payload: None  # a worker's written pages, for the zygote
         self.forks_quickly: Callable[[], bool] = lambda: False  # the next worker comes from a ready zygote
+        # The prompt cache's saved contexts, kept across the workers' restarts.
+        self.cache = CacheStore(cache_budget(settings), lambda worker, kind, payload, fds:
+                                worker.process.tell(kind, payload, fds))
 
     @property
     def finished(self) -> bool:
@@ -586,7 +604,11 @@ class Supervisor:
 
     # -- what workers say on their control channel -----------------------------------------
 
-    def message(self, worker: Worker, kind: bytes, payload: bytes) -> None:
+    def message(self, worker: Worker, kind: bytes, payload: bytes, fds: Sequence[int] = ()) -> None:
+        if self.cache.receive(worker, kind, payload, fds):
+            return
+        for fd in fds:  # no other message carries one
+            os.close(fd)
         if kind == MSG_STOPPED_ACCEPTING and worker.state is State.ACTIVE:
             worker.state = State.BUSY  # tick() (right after this) activates a READY worker in its place
         elif kind == MSG_WANT_SLOT:
@@ -652,7 +674,8 @@ class Supervisor:
             model=self.settings.model_id, started_wall=self.started_wall, restarts=self.restarts,
             workers={state.value: by_state[state] for state in State}, crashes=self.crashes,
             running=len(self.running), waiting=len(self.waiting), slots=self.settings.workers,
-            backlog=self.backlog(), model_load_seconds=self.model_load_seconds))
+            backlog=self.backlog(), model_load_seconds=self.model_load_seconds,
+            prompt_cache_entries=len(self.cache.entries), prompt_cache_bytes=self.cache.size))
 
     # -- the state machine ---------------------------------------------------------------------
 
@@ -667,6 +690,7 @@ class Supervisor:
         self.reset_backoff_if_healthy(now)
         self.activate_or_replace(now)
         self.spawn_if_needed(now)
+        self.cache.answer(now)  # lookups that waited for an announced entry, past their wait
 
     def check(self, worker: Worker, now: float) -> None:
         settings = self.settings
@@ -703,6 +727,7 @@ class Supervisor:
         worker.process.close()
         self.workers.remove(worker)
         self.free_slot(worker)
+        self.cache.worker_gone(worker, crashed=returncode != 0)
         how = describe_exit(returncode, worker.killed)
         if worker.state is State.RETIRING:
             log.info("%s %s after retiring", worker, how)
@@ -846,7 +871,7 @@ class Supervisor:
             return  # not now: the spawner is about to have a quicker way (the zygote)
         self.serial = serial
         worker = Worker(self.serial, process, State.STARTING, started_at=now)
-        process.on_message = lambda kind, payload: self.message(worker, kind, payload)
+        process.on_message = lambda kind, payload, fds=(): self.message(worker, kind, payload, fds)
         self.workers.append(worker)
         log.info("%s started", worker)
 
@@ -875,6 +900,7 @@ class Supervisor:
         """Roll onto new settings: the ACTIVE worker serves until a new one is READY."""
         self.settings = settings
         self.backoff.maximum = settings.backoff_max
+        self.cache.set_budget(cache_budget(settings))
         for worker in self.workers:
             if worker.state is State.ACTIVE:
                 worker.outdated, worker.outdated_cause = "config reloaded", "reload"
@@ -1009,7 +1035,7 @@ class Watchdog:
             if forked or self.zygote.forking or (serving and self.zygote.loading):
                 return forked
         return WorkerProcess.spawn(worker_command(self.supervisor.settings), self.listener.fileno(),
-                                   sentinel, self.selector, background=serving)
+                                   sentinel, self.selector, background=serving, zygote_serves=bool(self.zygote))
 
     def queue_signal(self, signum: int, frame: object) -> None:
         self.received_signals.append(signum)  # nothing else here: the main loop logs and acts
@@ -1023,6 +1049,7 @@ class Watchdog:
             self.responder.update(self.listener, self.supervisor.unavailable(time.monotonic()))
             for key, _ in self.selector.select(self.supervisor.settings.poll_interval):
                 key.data()
+            self.supervisor.cache.answer(time.monotonic())  # after every message that came with a lookup
             while self.received_signals:
                 self.handle_signal(self.received_signals.pop(0), time.monotonic())
             # The zygote starts once a worker serves and none loads: at first start that worker

@@ -4,9 +4,11 @@ Owns GenerationParams, Completion, StopScanner and ModelRunner, the one place th
 Under the watchdog each generation also waits for one of the box's slots (a SlotGate: the worker's
 WatchdogLink), and the free cores are divided by the generations running on the box. It knows
 nothing of HTTP: it raises its own errors (QueueFull, PromptTooLong, PromptNotUnicode, ClientGone)
-and api.py gives each its status. A prompt that begins with the configured system prompt's turn,
-already evaluated (prefix.py), evaluates only the rest. Imports settings, protocol (SlotRefused),
-cpu_share, model and prefix only.
+and api.py gives each its status. A prompt evaluates only what its context does not hold yet: the
+runner keeps what the context holds (turns.Evaluated: the configured system prompt's turn from the
+zygote, prefix.py, then each prompt it evaluated) and starts a prompt at the longest turn boundary
+they share, or at a longer one restored from the watchdog's cache (prompt_cache.py). Imports
+settings, protocol (SlotRefused), cpu_share, model, prefix, turns, reuse_setup and prompt_cache.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
 from apiserver.cpu_share import CpuShare
 from apiserver.model import PROMPT_AS_IS, ChatTemplate
-from apiserver.prefix import Prefix, evaluate_prefix
-from apiserver.protocol import SlotRefused
+from apiserver.prefix import Prefix
+from apiserver.prompt_cache import PromptCache, RestoreFailed
+from apiserver.protocol import SlotRefused, WatchdogLink
+from apiserver.reuse_setup import ReuseSetup
 from apiserver.settings import Settings
+from apiserver.turns import Evaluated, Mark, turn_offsets
 
 log = logging.getLogger("gpt4all_api")
 
@@ -74,7 +79,7 @@ class Completion:
     queue_seconds: float
     prompt_seconds: float
     generation_seconds: float
-    cached_tokens: int = 0  # prompt tokens already evaluated (the configured system prompt's turn)
+    cached_tokens: int = 0  # prompt tokens already in the context (reused, not evaluated)
 
     def usage(self) -> Dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -151,7 +156,9 @@ class Generation:
         self.deadline = self.started + runner.settings.max_seconds
         self.scanner = StopScanner(params.stop, closer)
         self.prompt_tokens = 0
-        self.cached_tokens = 0  # of prompt_tokens, those the evaluated prefix spared
+        self.cached_tokens = 0  # of prompt_tokens, those already in the context
+        self.evaluated_ids: List[int] = []  # the prompt tokens evaluated, in order
+        self.prompt_stopped = False  # a callback stopped the generation inside its prompt
         self.tokens = 0
         self.first_token_at: Optional[float] = None
         self.finish: Optional[str] = None  # stop, length, timeout
@@ -169,7 +176,9 @@ class Generation:
 
     def on_prompt_token(self, token_id: int) -> bool:
         self.prompt_tokens += 1
-        return self.keep_going()
+        self.evaluated_ids.append(token_id)
+        self.prompt_stopped = not self.keep_going()
+        return not self.prompt_stopped
 
     def on_token(self, token_id: int, piece: str) -> bool:
         # gpt4all swallows exceptions raised here: keep them, stop, re-raise after prompt_model()
@@ -213,7 +222,8 @@ class ModelRunner:
     """Owns the model: one generation at a time, at most queue_size waiting, limits through the callback."""
 
     def __init__(self, model: Any, settings: Settings, template: ChatTemplate, heartbeat: Callable[[], None],
-                 cpu_share: Optional[CpuShare] = None, prefix: Optional[Prefix] = None):
+                 cpu_share: Optional[CpuShare] = None, prefix: Optional[Prefix] = None,
+                 reuse: ReuseSetup = ReuseSetup()):
         self.model, self.settings, self.template, self.heartbeat = model, settings, template, heartbeat
         self._generation = threading.Lock()
         self._counters = threading.Lock()
@@ -224,8 +234,14 @@ class ModelRunner:
         self.threads = model.model.thread_count()
         self.gate: Optional[SlotGate] = None  # under the watchdog: the box's slots
         self.running_on_box = 1  # generations running on the box: the free cores are divided by it
-        self.prefix = prefix  # the system prompt's turn, evaluated into the model's context
-        self.prefix_intact = prefix is not None  # False once a generation from an empty context overwrote it
+        self.reuse = reuse
+        self.markers = template.turn_start if reuse.marker_ids else ()
+        # What the model's context holds: the system prompt's turn (evaluated by the zygote), then
+        # each prompt evaluated. With prompt_cache = false, only that turn is kept (configured).
+        self.evaluated = Evaluated(prefix.text, ((len(prefix.text), prefix.n_past),)) if prefix else Evaluated()
+        self.configured = self.evaluated if not settings.prompt_cache else None
+        self.cache: Optional[PromptCache] = None  # under the watchdog, with saved entries: attach_cache()
+        self.unsaved = False  # the context holds turns no entry holds yet
 
     def set_running_on_box(self, running: int) -> None:
         """The watchdog says how many generations run now; the next token uses the new share."""
@@ -309,44 +325,77 @@ class ModelRunner:
             raise ClientGone()
         self.set_running_on_box(running)
 
-    def continue_after_prefix(self, prompt: str) -> Optional[str]:
-        """The rest of prompt after the evaluated prefix, the context set back to the prefix's end;
-        None: evaluate the whole prompt from an empty context."""
-        prefix = self.prefix
-        if prefix is None or not prompt.startswith(prefix.text) or len(prompt) == len(prefix.text):
-            return None
-        if not self.prefix_intact:  # a request from an empty context overwrote it: evaluate it again
-            self.prefix = evaluate_prefix(self.model, self.settings, self.template)
-            self.prefix_intact = self.prefix is not None
-            if self.prefix is None:
-                return None
-        self.model.model.context.n_past = self.prefix.n_past
-        return prompt[len(prefix.text):]
+    def attach_cache(self, link: WatchdogLink) -> None:
+        """Under the watchdog, with a worker per request (or per few): the cache of saved contexts."""
+        if self.reuse.fingerprint is not None and self.settings.prompt_cache and self.settings.restart_after_requests:
+            self.cache = PromptCache(self.model, self.reuse, link)
+
+    def start_for(self, prompt: str, offsets: List[int]) -> Mark:
+        """Where prompt starts: the longest boundary the context holds, or a longer one restored
+        from the cache; the context is set back (n_past) to it."""
+        start = self.evaluated.start_for(prompt, offsets)
+        if self.cache is not None:
+            try:
+                restored = self.cache.restore_longest(prompt, offsets, start[0])
+            except RestoreFailed as error:
+                log.warning("prompt cache: %s; the whole prompt is evaluated", error)
+                self.evaluated = Evaluated()
+                return 0, 0
+            if restored is not None:
+                self.evaluated = restored
+                return restored.marks[-1]
+        if start[1]:
+            self.model.model.context.n_past = start[1]
+        return start
+
+    def keep_evaluated(self, prompt: str, offsets: List[int], start: Mark, generation: Generation) -> None:
+        """After a generation: what the context now holds (its prompt's turns, unless gpt4all may
+        have shifted the context to go on)."""
+        if generation.prompt_tokens + generation.tokens >= self.settings.n_ctx - 1:
+            self.evaluated = Evaluated()
+        else:
+            self.evaluated = self.evaluated.extended(prompt, offsets, start, generation.evaluated_ids,
+                                                     self.reuse.marker_ids, complete=not generation.prompt_stopped)
+        if self.configured is not None:  # prompt_cache = false: the system prompt's turn alone
+            held = self.evaluated.up_to(len(self.configured.text))
+            self.evaluated = held if held == self.configured else Evaluated()
+        self.unsaved = self.unsaved or self.evaluated.n_past > start[1]
+        if self.cache is not None:
+            self.cache.went_on()
+            if self.cache.saves and self.unsaved:
+                self.cache.announce(self.evaluated)
+
+    def exit_after_this(self) -> None:
+        """The worker exits after the request being admitted: its context will be saved then."""
+        if self.cache is not None:
+            self.cache.saves = True
+
+    def save_context(self) -> None:
+        """Before the worker exits: its context, for the workers after it (announced already)."""
+        if self.cache is not None:
+            with self._generation:
+                self.cache.save(self.evaluated)
 
     def _run(self, prompt: str, generation: Generation, queued: float) -> Completion:
         # gpt4all 2.8.2: GPT4All.generate() tokenizes with special=False, which spells the template's
         # markers out as text; the low-level prompt_model() parses them as the special tokens they are.
         # _prompt_callback is called once per prompt token.
         params = generation.params
-        rest = self.continue_after_prefix(prompt)
-        if rest is None:
-            self.prefix_intact = False  # evaluated from position 0: the prefix's tokens are overwritten
-        else:
-            generation.prompt_tokens = generation.cached_tokens = self.prefix.n_past  # usage: the whole prompt
+        offsets = turn_offsets(prompt, self.markers)
+        start = self.start_for(prompt, offsets)
+        generation.prompt_tokens = generation.cached_tokens = start[1]  # usage: the whole prompt
         self.model.model._prompt_callback = generation.on_prompt_token
         self.adapt_threads()
         if self.cpu_share is not None:
             self.cpu_share.begin_generation()
         try:
             self.model.model.prompt_model(
-                prompt if rest is None else rest, PROMPT_AS_IS, generation.on_token, n_predict=params.max_tokens,
+                prompt[start[0]:], PROMPT_AS_IS, generation.on_token, n_predict=params.max_tokens,
                 temp=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
                 repeat_penalty=params.repeat_penalty, repeat_last_n=params.repeat_last_n,
-                n_batch=self.settings.n_batch, reset_context=rest is None, special=True)
+                n_batch=self.settings.n_batch, reset_context=not start[1], special=True)
         finally:
-            if rest is not None and (generation.error is not None or
-                                     generation.prompt_tokens + generation.tokens >= self.settings.n_ctx - 1):
-                self.prefix_intact = False  # gpt4all may have shifted the context to go on
+            self.keep_evaluated(prompt, offsets, start, generation)
         completion = generation.result(queued)
         self.completed += 1
         return completion

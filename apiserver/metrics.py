@@ -66,6 +66,8 @@ class Totals:
         self.requests: Dict[Tuple[str, str], int] = collections.Counter()
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.prompt_cache_hits = 0  # generations that went on from a context already evaluated
+        self.prompt_cache_tokens = 0  # prompt tokens those did not evaluate
         self.durations: Dict[str, Histogram] = {}
         self.first_token = Histogram(FIRST_TOKEN_BUCKETS)
         self.speeds: Deque[float] = collections.deque(maxlen=RECENT_GENERATIONS)
@@ -84,6 +86,9 @@ class Totals:
             self.durations.setdefault(route, Histogram(DURATION_BUCKETS)).observe(seconds)
         self.prompt_tokens += as_count(report.get("prompt_tokens"))
         self.generated_tokens += as_count(report.get("completion_tokens"))
+        cached = as_count(report.get("cached_tokens"))
+        self.prompt_cache_hits += 1 if cached else 0
+        self.prompt_cache_tokens += cached
         first_token = as_seconds(report.get("first_token_seconds"))
         if first_token is not None:
             self.first_token.observe(first_token)
@@ -105,6 +110,8 @@ class Box:
     slots: int = 1  # generations allowed to run at once ([watchdog] workers)
     backlog: Optional[int] = None  # connections the kernel holds that no worker accepted yet
     model_load_seconds: Optional[float] = None
+    prompt_cache_entries: int = 0  # saved contexts the watchdog keeps
+    prompt_cache_bytes: int = 0  # the memory they hold
 
 
 def escape(value: str) -> str:
@@ -142,6 +149,15 @@ def render(totals: Totals, box: Box) -> str:
                   [sample(f"{p}prompt_tokens_total", {}, totals.prompt_tokens)])
     out += family(f"{p}generated_tokens_total", "counter", "Tokens generated.",
                   [sample(f"{p}generated_tokens_total", {}, totals.generated_tokens)])
+    out += family(f"{p}prompt_cache_hits_total", "counter",
+                  "Generations whose prompt began with turns already evaluated (reused, not evaluated again).",
+                  [sample(f"{p}prompt_cache_hits_total", {}, totals.prompt_cache_hits)])
+    out += family(f"{p}prompt_cache_tokens_total", "counter", "Prompt tokens reused instead of evaluated.",
+                  [sample(f"{p}prompt_cache_tokens_total", {}, totals.prompt_cache_tokens)])
+    out += family(f"{p}prompt_cache_entries", "gauge", "Saved contexts the watchdog keeps for the next workers.",
+                  [sample(f"{p}prompt_cache_entries", {}, box.prompt_cache_entries)])
+    out += family(f"{p}prompt_cache_bytes", "gauge", "Memory those saved contexts hold.",
+                  [sample(f"{p}prompt_cache_bytes", {}, box.prompt_cache_bytes)])
     out += family(f"{p}request_duration_seconds", "histogram", "Time from the request line to the end of the reply.",
                   [line for route, histogram in sorted(totals.durations.items())
                    for line in histogram.samples(f"{p}request_duration_seconds", {"route": route})])
@@ -180,7 +196,7 @@ def generation_report(route: str, status: int, seconds: Optional[float], complet
                               "seconds": None if seconds is None else round(seconds, 6)}
     if completion is not None:
         report.update(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-                      first_token_seconds=round(completion.queue_seconds + completion.prompt_seconds, 6))
+                      cached_tokens=completion.cached_tokens, first_token_seconds=round(completion.queue_seconds + completion.prompt_seconds, 6))
         if completion.generation_seconds > 0 and completion.completion_tokens:
             report["tokens_per_second"] = round(completion.completion_tokens / completion.generation_seconds, 3)
     return report

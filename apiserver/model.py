@@ -16,7 +16,7 @@ import logging
 import os
 import struct
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from apiserver.cpu_share import usable_cpus
 from apiserver.settings import DEFAULT_MODEL_NAME, Settings
@@ -166,6 +166,9 @@ class ChatTemplate:
     end: str  # ends a message; always a stop string
     roles: Dict[str, str] = dataclasses.field(default_factory=dict)  # role renames
     system_in_first_user: bool = False  # the family has no system role
+    # The special tokens that begin a turn: a prompt may be cut where one starts (turns.py), since
+    # the tokenizer splits the text at special tokens first, so the two parts tokenize as the whole.
+    turn_start: Tuple[str, ...] = ()
 
     def render(self, messages: List[Dict[str, str]]) -> str:
         """The prompt for a conversation, opened for the assistant's answer."""
@@ -182,12 +185,16 @@ class ChatTemplate:
 
 
 TEMPLATES = {
-    "chatml": ChatTemplate("chatml", "<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>"),
+    "chatml": ChatTemplate("chatml", "<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>",
+                           turn_start=("<|im_start|>",)),
     "llama3": ChatTemplate("llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
-                           "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+                           "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>",
+                           turn_start=("<|start_header_id|>",)),
     "gemma": ChatTemplate("gemma", "<start_of_turn>{role}\n{content}<end_of_turn>\n", "<start_of_turn>model\n",
-                          "<end_of_turn>", roles={"assistant": "model"}, system_in_first_user=True),
-    "phi3": ChatTemplate("phi3", "<|{role}|>\n{content}<|end|>\n", "<|assistant|>\n", "<|end|>"),
+                          "<end_of_turn>", roles={"assistant": "model"}, system_in_first_user=True,
+                          turn_start=("<start_of_turn>",)),
+    "phi3": ChatTemplate("phi3", "<|{role}|>\n{content}<|end|>\n", "<|assistant|>\n", "<|end|>",
+                         turn_start=("<|system|>", "<|user|>", "<|assistant|>")),
     "plain": ChatTemplate("plain", "{role}: {content}\n\n", "assistant:", "\nuser:"),
 }
 

@@ -117,12 +117,18 @@ def parse_messages(fields: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def done_fields(answer: Answer, started: float) -> Dict[str, Any]:
+    """The final object's counts as Ollama gives them: prompt_eval_count is the whole prompt, its
+    cached part (reused, not evaluated) in prompt_eval_cached_count when there is one (Ollama's
+    own field since its prompt caching; older clients ignore it)."""
     completion = answer.completion
-    return {"done_reason": "length" if answer.finish == "length" else "stop", "done": True,
-            "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": 0,
-            "prompt_eval_count": completion.prompt_tokens,
-            "prompt_eval_duration": int(completion.prompt_seconds * 1e9), "eval_count": completion.completion_tokens,
-            "eval_duration": int(completion.generation_seconds * 1e9)}
+    fields = {"done_reason": "length" if answer.finish == "length" else "stop", "done": True,
+              "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": 0,
+              "prompt_eval_count": completion.prompt_tokens,
+              "prompt_eval_duration": int(completion.prompt_seconds * 1e9), "eval_count": completion.completion_tokens,
+              "eval_duration": int(completion.generation_seconds * 1e9)}
+    if completion.cached_tokens:
+        fields["prompt_eval_cached_count"] = completion.cached_tokens
+    return fields
 
 
 def handle_chat(app: App, request: Request) -> Reply:

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 log = logging.getLogger("gpt4all_api")
 
@@ -35,6 +35,7 @@ ENV_CONTROL_FD = "GPT4ALL_API_CONTROL_FD"  # the worker's end of its control cha
 ENV_SENTINEL = "GPT4ALL_API_SENTINEL"  # sentinel file: created when ready, touched as heartbeat
 ENV_ZYGOTE_FD = "GPT4ALL_API_ZYGOTE_FD"  # a unix socket: this process is the watchdog's zygote
 ENV_BACKGROUND = "GPT4ALL_API_BACKGROUND"  # "1": another worker is serving, load at idle priority
+ENV_ZYGOTE_SERVES = "GPT4ALL_API_ZYGOTE_SERVES"  # "1": a zygote forks the workers after this one
 ENV_WATCHDOG_PID = "GPT4ALL_API_WATCHDOG_PID"  # whose family's CPU time is not "other programs"
 
 HEARTBEAT_EVERY = 0.5  # seconds between two touches of the sentinel
@@ -96,6 +97,7 @@ MSG_FULL = b"F"  # no slot and the box's queue is full: answer 503 queue_full
 MSG_RUNNING = b"N"  # payload: generations now running on the box (CPU threads are divided by it)
 MSG_CANCELLED = b"c"  # your cancel is done: the slot or the place in the queue is given up
 MSG_METRICS_TEXT = b"m"  # payload: the box's metrics in Prometheus' text format
+MSG_CACHE_FOUND = b"f"  # payload: "<lookup> <entry> <index>" with the entry's memory file; "<lookup>": none
 # worker -> watchdog
 MSG_STOPPED_ACCEPTING = b"S"  # a restart is due: leave the socket to another worker
 MSG_WANT_SLOT = b"W"  # a generation is ready to run: wait for MSG_GO (or MSG_FULL)
@@ -106,7 +108,15 @@ MSG_METRICS = b"M"  # ask for MSG_METRICS_TEXT
 MSG_LOADED = b"L"  # payload: seconds the model took to load
 MSG_PAGES = b"P"  # payload: JSON [[address, length], ...], the pages this forked worker wrote (for the zygote)
 ZYGOTE_PAGES = b"pages "  # watchdog to zygote: + MSG_PAGES's payload, forwarded
+# The prompt cache (prompt_cache.py, cache_store.py). A prompt prefix is named by its hash
+# (turns.prefix_hashes, HASH_BYTES each); payloads list such names, shortest prefix first.
+MSG_CACHE_LOOKUP = b"l"  # payload: a 4-byte lookup number, then the names: which entry holds the longest?
+MSG_CACHE_PENDING = b"p"  # payload: the names of the entry this worker will save once its reply is sent
+MSG_CACHE_ENTRY = b"e"  # payload: those names, with the entry's memory file (no file: nothing was saved)
+MSG_CACHE_USED = b"u"  # payload: an entry's number: restored here, and the prompt went on from it
+MSG_CACHE_BAD = b"b"  # payload: an entry's number: it failed its checks here; drop it
 MAX_MESSAGE = 1 << 20
+MAX_FDS = 4  # file descriptors a message may carry
 
 
 def control_channel() -> Tuple[socket.socket, socket.socket]:
@@ -125,6 +135,11 @@ def read_control_pipe(fd: int, on_activate: Callable[[], None]) -> None:
             orphaned()
         if data[:1] == MSG_ACTIVATE:
             on_activate()
+
+
+def close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def orphaned() -> None:
@@ -151,7 +166,9 @@ class WatchdogLink:
         self.on_running: Callable[[int], None] = lambda running: None
         self.slot_answers: "queue.Queue[bytes]" = queue.Queue()
         self.metrics_answers: "queue.Queue[bytes]" = queue.Queue()
+        self.cache_answers: "queue.Queue[Tuple[bytes, List[int]]]" = queue.Queue()
         self.query_lock = threading.Lock()
+        self.lookups = 0
 
     def start(self) -> None:
         threading.Thread(target=self.read_messages, name="control-channel", daemon=True).start()
@@ -159,14 +176,18 @@ class WatchdogLink:
     def read_messages(self) -> None:
         while True:
             try:
-                data = self.channel.recv(MAX_MESSAGE)
+                data, fds, _, _ = socket.recv_fds(self.channel, MAX_MESSAGE, MAX_FDS)
             except InterruptedError:
                 continue
             except OSError:
-                data = b""
+                data, fds = b"", []
             if not data:
                 orphaned()
             kind, payload = data[:1], data[1:]
+            if kind == MSG_CACHE_FOUND:
+                self.cache_answers.put((payload, fds))
+                continue
+            close_all(fds)
             if kind == MSG_ACTIVATE:
                 self.on_activate()
             elif kind in (MSG_GO, MSG_FULL, MSG_CANCELLED):
@@ -178,11 +199,35 @@ class WatchdogLink:
             elif kind == MSG_METRICS_TEXT:
                 self.metrics_answers.put(payload)
 
-    def send(self, kind: bytes, payload: bytes = b"") -> None:
+    def send(self, kind: bytes, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
         try:
-            self.channel.send(kind + payload)
+            if fds:
+                socket.send_fds(self.channel, [kind + payload], list(fds))
+            else:
+                self.channel.send(kind + payload)
         except OSError:
-            pass  # the watchdog is gone: the reader thread exits the process
+            pass  # the watchdog is gone (the reader thread exits the process), or a message too big
+
+    def find_cache_entry(self, names: bytes, timeout: float) -> Optional[Tuple[int, int, int]]:
+        """Ask which entry holds the longest of these prefixes: (entry, index of its name, its
+        memory file, ours to close), or None (none, or no answer in time). Answers to an earlier
+        lookup that timed out are recognised by their number and thrown away."""
+        with self.query_lock:
+            self.lookups += 1
+            number = self.lookups
+            self.send(MSG_CACHE_LOOKUP, number.to_bytes(4, "big") + names)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    payload, fds = self.cache_answers.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    return None
+                words = payload.split()
+                if words[:1] == [str(number).encode()] and len(words) == 3 and len(fds) == 1:
+                    return int(words[1]), int(words[2]), fds[0]
+                close_all(fds)
+                if words[:1] == [str(number).encode()]:
+                    return None
 
     def acquire_slot(self, still_wanted: Callable[[], bool]) -> int:
         """Wait for a generation slot; return how many generations run on the box with ours, or 0

@@ -35,7 +35,9 @@ def handle_prompt(app: App, request: Request) -> Reply:
     completion = app.complete(request, *app.chat_prompt(messages, params), logged_prompt=prompt)
     if "application/json" in request.headers.get("accept", ""):
         reply = json_reply(200, {"response": completion.text, "model": app.settings.model_id,
-                                 "finish_reason": completion.finish_reason, "usage": completion.usage(),
+                                 "finish_reason": completion.finish_reason,
+                                 "usage": {**completion.usage(),
+                                           "prompt_tokens_details": {"cached_tokens": completion.cached_tokens}},
                                  "timings": completion.timings()})
     else:
         reply = Reply(200, {"Content-Type": "text/plain; charset=utf-8",

@@ -43,6 +43,8 @@ class Settings:
     chat_template: str = "auto"
     system_prompt: str = "You are a helpful assistant."
     system_prompt_cache: bool = True
+    prompt_cache: bool = True
+    prompt_cache_mb: int = 256
     huge_pages: bool = True
     model_names: Tuple[str, ...] = ("*",)
     # [generation]
@@ -165,6 +167,8 @@ CONFIG_KEYS = [
     ("model", "chat_template", "chat_template", one_of("auto", "chatml", "llama3", "gemma", "phi3", "plain")),
     ("model", "system_prompt", "system_prompt", str),
     ("model", "system_prompt_cache", "system_prompt_cache", boolean),
+    ("model", "prompt_cache", "prompt_cache", boolean),
+    ("model", "prompt_cache_mb", "prompt_cache_mb", at_least(int, 1)),
     ("model", "huge_pages", "huge_pages", boolean),
     ("model", "model_names", "model_names", comma_list),
     ("generation", "max_tokens", "max_tokens", at_least(int, 1)),

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -137,6 +138,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float, process: Process, w
             return value
         time.sleep(0.02)
     process.fail(f"timed out after {timeout:.1f} s waiting for {what}")
+
+
+def both(first: Process, second: Process, ask: Callable[[Process], Any]) -> Tuple[Any, Any]:
+    """ask(process) of two processes at once (two watchdogs compared on the same question)."""
+    results: List[Any] = [None, None]
+
+    def run(index: int, process: Process) -> None:
+        results[index] = ask(process)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in enumerate((first, second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    return results[0], results[1]
 
 
 def request(base_url: str, method: str, path: str, body: Any = None, headers: Optional[Dict[str, str]] = None,

@@ -1,22 +1,38 @@
 """A stand-in for gpt4all 2.8.2's GPT4All object, as ModelRunner uses it, for fast unit tests.
 
 ModelRunner calls model.model.prompt_model(..., special=True), which lands in generate() here.
-Like the real one, generate() feeds the prompt through model._prompt_callback (one call per
-whitespace word here), then hands the scripted answer pieces to callback(token_id, piece) until it
-returns False or max_tokens pieces are out, and returns the text handed out. A prompt larger than
-n_ctx words gets gpt4all's error text through callback(-1, ...) instead, and that text is returned.
-A prompt that is not encodable as UTF-8 raises UnicodeEncodeError, as gpt4all's prompt.encode() does.
-Its context counts the words evaluated (context.n_past): reset_context=False continues from there.
+Like the real one, generate() feeds the prompt through model._prompt_callback (one call per token:
+fake_tokens() splits at ChatML's special tokens first, then at whitespace), then hands the scripted
+answer pieces to callback(token_id, piece) until it returns False or max_tokens pieces are out, and
+returns the text handed out. A prompt larger than n_ctx tokens gets gpt4all's error text through
+callback(-1, ...) instead, and that text is returned. A prompt that is not encodable as UTF-8
+raises UnicodeEncodeError, as gpt4all's prompt.encode() does. Its context counts the prompt tokens
+evaluated (context.n_past) and keeps their ids (tokens): reset_context=False continues from n_past.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import types
+import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 CONTEXT_ERROR_TEXT = "ERROR: The prompt size exceeds the context window size and cannot be processed."
+SPECIAL_TOKENS = {"<|im_start|>": 151644, "<|im_end|>": 151645}  # Qwen's ids
+SPECIAL = re.compile("(" + "|".join(re.escape(token) for token in SPECIAL_TOKENS) + ")")
+
+
+def fake_tokens(text: str) -> List[int]:
+    """The fake tokenizer: special tokens first (as llama.cpp's does), then each whitespace word."""
+    ids: List[int] = []
+    for part in SPECIAL.split(text):
+        if part in SPECIAL_TOKENS:
+            ids.append(SPECIAL_TOKENS[part])
+        else:
+            ids += [1000 + zlib.crc32(word.encode()) % 100000 for word in part.split()]
+    return ids
 
 
 class FakeLLModel:
@@ -27,6 +43,7 @@ class FakeLLModel:
         self.special: Optional[bool] = None
         self.threads = 2
         self.context = types.SimpleNamespace(n_past=0)  # what gpt4all's LLModelPromptContext holds
+        self.tokens: List[int] = []  # the ids in the context, as gpt4all's token list holds them
 
     def thread_count(self) -> int:
         return self.threads
@@ -46,11 +63,13 @@ class FakeLLModel:
         assert reset_context or self.context.n_past > 0, "continuing a context needs tokens in it"
         if reset_context:
             self.context.n_past = 0
+        del self.tokens[self.context.n_past:]
         self.special = special
         self.owner.generate(prompt, max_tokens=n_predict, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, n_batch=n_batch,
                             callback=callback, reset_context=reset_context)
-        self.context.n_past += len(prompt.split())
+        self.context.n_past += len(fake_tokens(prompt))
+        self.tokens += fake_tokens(prompt)
 
 
 class FakeModel:
@@ -79,15 +98,16 @@ class FakeModel:
             raise RuntimeError("FakeModel: the gate was never opened")
         if self.error is not None:
             raise self.error
-        words = prompt.split()
-        if len(words) > self.n_ctx:
+        tokens = fake_tokens(prompt)
+        if len(tokens) > self.n_ctx:
             callback(-1, CONTEXT_ERROR_TEXT)
             return CONTEXT_ERROR_TEXT
-        for token_id in range(len(words)):
+        for token_id in tokens:
             if not self.model._prompt_callback(token_id):
                 return ""
         answer = ""
-        for token_id, piece in enumerate(self.pieces[:max_tokens], start=1000):
+        for piece in self.pieces[:max_tokens]:
+            token_id = (fake_tokens(piece) or [1000])[0]
             if self.delay:
                 time.sleep(self.delay)
             answer += piece

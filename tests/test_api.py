@@ -15,7 +15,7 @@ import pytest
 from apiserver import api
 from apiserver.api import ApiError, dispatch
 from apiserver.engine import ClientGone
-from fake_model import CONTEXT_ERROR_TEXT, FakeModel
+from fake_model import CONTEXT_ERROR_TEXT, FakeModel, fake_tokens
 from unit_helpers import ROUTE, chatml, json_body, make_app, make_request, run_in_thread, wait_until
 
 
@@ -274,12 +274,12 @@ def test_accept_json_gives_the_json_reply(settings):
     assert document["response"] == "Hello world"
     assert document["model"] == "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
     assert document["finish_reason"] == "stop"
-    prompt_words = len(chatml("Hi there", system=settings.system_prompt).split())
+    prompt_words = len(fake_tokens(chatml("Hi there", system=settings.system_prompt)))
     assert document["usage"] == {"prompt_tokens": prompt_words, "completion_tokens": 2,
-                                 "total_tokens": prompt_words + 2}
+                                 "total_tokens": prompt_words + 2, "prompt_tokens_details": {"cached_tokens": 0}}
     assert set(document["timings"]) == {"queue_ms", "prompt_ms", "generation_ms", "tokens_per_second"}
     assert all(value >= 0 for value in document["timings"].values())
-    assert reply.usage == document["usage"]
+    assert reply.usage == {key: document["usage"][key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
 
 
 def test_sampling_fields_reach_the_model_and_temp_is_an_alias(settings):

@@ -22,7 +22,13 @@ ALLOWED_IMPORTS: Dict[str, Set[str]] = {
     "prefix": {"settings", "model"},
     "pages": set(),
     "huge_pages": {"pages"},
-    "engine": {"settings", "protocol", "cpu_share", "model", "prefix"},
+    "turns": set(),
+    "kv_state": set(),
+    "cache_entry": {"turns"},
+    "cache_store": {"protocol"},
+    "reuse_setup": {"settings", "model", "model_facts", "kv_state", "turns", "cache_entry"},
+    "prompt_cache": {"protocol", "kv_state", "turns", "cache_entry", "reuse_setup"},
+    "engine": {"settings", "protocol", "cpu_share", "model", "prefix", "turns", "reuse_setup", "prompt_cache"},
     "api": {"settings", "engine"},
     "fields": {"settings", "engine", "api"},
     "seed_api": {"settings", "engine", "api", "fields"},
@@ -75,6 +81,7 @@ def test_importing_the_watchdog_loads_neither_gpt4all_nor_the_http_server():
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
                                            capture_output=True, text=True).stdout))
     ours = {name for name in loaded if name.startswith("apiserver.")}
-    assert ours == {"apiserver.settings", "apiserver.protocol", "apiserver.unavailable", "apiserver.metrics"}, ours
+    assert ours == {"apiserver.settings", "apiserver.protocol", "apiserver.unavailable", "apiserver.metrics",
+                    "apiserver.cache_store"}, ours
     assert not {name for name in loaded if name.split(".")[0] in ("gpt4all", "gpt4all_api", "http")}, \
         sorted(name for name in loaded if name.split(".")[0] in ("gpt4all", "gpt4all_api", "http"))

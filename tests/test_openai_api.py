@@ -6,7 +6,7 @@ import time
 
 
 from apiserver.api import dispatch
-from fake_model import FakeModel
+from fake_model import FakeModel, fake_tokens
 from unit_helpers import chatml, json_body, make_app, make_request, sse_events
 
 
@@ -32,7 +32,7 @@ def test_chat_completion_shape(settings):
     assert document["model"] == MODEL_ID
     assert document["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello world"},
                                     "logprobs": None, "finish_reason": "stop"}]
-    prompt_words = len(chatml("Hi", "Be brief.").split())
+    prompt_words = len(fake_tokens(chatml("Hi", "Be brief.")))
     assert document["usage"] == {"prompt_tokens": prompt_words, "completion_tokens": 2,
                                  "total_tokens": prompt_words + 2, "prompt_tokens_details": {"cached_tokens": 0}}
     assert model.calls[0]["prompt"] == chatml("Hi", "Be brief.")

@@ -1,5 +1,6 @@
-"""The configured system prompt evaluated once: the engine continues after it, counts it in usage,
-evaluates it again after a request from an empty context overwrote it; the pre-warm and its page probe."""
+"""The configured system prompt evaluated once: the engine continues after it and counts it in usage;
+a request from an empty context overwrites it, and the next prompt that evaluates it brings it back;
+with prompt_cache = false nothing else is kept; the pre-warm and its page probe."""
 
 from __future__ import annotations
 
@@ -11,21 +12,33 @@ from apiserver.engine import ModelRunner
 from apiserver.model import TEMPLATES
 from apiserver.pages import populate, probe_written_pages
 from apiserver.prefix import evaluate_prefix, pre_warm, prefix_text
-from fake_model import FakeModel
+from apiserver.reuse_setup import prepare_reuse
+from apiserver.turns import Evaluated
+from fake_model import FakeModel, fake_tokens
 from unit_helpers import chatml, json_body, make_app, make_request
 
 SYSTEM = "You are a pirate who answers in rhymes."
 
 
-def app_with_prefix(settings, system_prompt: str = SYSTEM, cache: bool = True):
-    settings = dataclasses.replace(settings, system_prompt=system_prompt, system_prompt_cache=cache)
+def app_with_prefix(settings, system_prompt: str = SYSTEM, cache: bool = True, prompt_cache: bool = True):
+    settings = dataclasses.replace(settings, system_prompt=system_prompt, system_prompt_cache=cache,
+                                   prompt_cache=prompt_cache)
     model = FakeModel()
     template = TEMPLATES["chatml"]
     app = make_app(settings)
+    reuse = prepare_reuse(model, settings, template, entries=False)
+    assert reuse.marker_ids == {151644}
     app.runner = ModelRunner(model, settings, template, heartbeat=lambda: None,
-                             prefix=evaluate_prefix(model, settings, template))
+                             prefix=evaluate_prefix(model, settings, template), reuse=reuse)
     model.calls.clear()
     return app, model
+
+
+def configured(app) -> Evaluated:
+    """The system prompt's turn, as the zygote evaluated it."""
+    return Evaluated(prefix_text(app.runner.template, app.settings.system_prompt),
+                     ((len(prefix_text(app.runner.template, app.settings.system_prompt)),
+                       len(fake_tokens(prefix_text(app.runner.template, app.settings.system_prompt)))),))
 
 
 def chat(app, system=None, user="Hi"):
@@ -45,30 +58,30 @@ def test_the_prefix_is_the_system_turn_where_a_special_token_follows():
 
 def test_a_request_with_the_configured_system_prompt_evaluates_only_the_rest(settings):
     app, model = app_with_prefix(settings)
-    prefix = app.runner.prefix
-    assert prefix.n_past == len(prefix.text.split()) > 0
+    prefix = configured(app)
+    assert app.runner.evaluated == prefix and prefix.n_past > 0
     document = chat(app, SYSTEM)
     call = model.calls[-1]
     assert call["reset_context"] is False and call["prompt"] == chatml("Hi", SYSTEM)[len(prefix.text):]
-    whole = len(chatml("Hi", SYSTEM).split())
+    whole = len(fake_tokens(chatml("Hi", SYSTEM)))
     assert document["usage"]["prompt_tokens"] == whole, "usage counts the whole prompt"
     assert document["usage"]["prompt_tokens_details"]["cached_tokens"] == prefix.n_past
     chat(app, SYSTEM, "Again")
     assert model.calls[-1]["reset_context"] is False, "the context goes back to the prefix after each answer"
 
 
-def test_another_persona_or_none_starts_from_an_empty_context_and_the_prefix_comes_back(settings):
-    app, model = app_with_prefix(settings)
+def test_another_persona_overwrites_the_prefix_and_the_next_prompt_with_it_brings_it_back(settings):
+    app, model = app_with_prefix(settings, prompt_cache=False)
     chat(app, "You are terse.")
     assert model.calls[-1]["reset_context"] is True and model.calls[-1]["prompt"] == chatml("Hi", "You are terse.")
-    chat(app)
-    assert model.calls[-1]["reset_context"] is True
-    assert not app.runner.prefix_intact
+    assert app.runner.evaluated == Evaluated(), "prompt_cache = false keeps the configured turn alone"
     document = chat(app, SYSTEM)
-    evaluated, continued = model.calls[-2:]
-    assert evaluated["prompt"] == app.runner.prefix.text and evaluated["max_tokens"] == 0
-    assert continued["reset_context"] is False
-    assert document["usage"]["prompt_tokens_details"]["cached_tokens"] == app.runner.prefix.n_past
+    assert model.calls[-1]["reset_context"] is True and model.calls[-1]["prompt"] == chatml("Hi", SYSTEM)
+    assert document["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert app.runner.evaluated == configured(app), "evaluated as part of that prompt, the turn is kept again"
+    document = chat(app, SYSTEM, "Again")
+    assert model.calls[-1]["reset_context"] is False
+    assert document["usage"]["prompt_tokens_details"]["cached_tokens"] == configured(app).n_past
 
 
 def test_the_seed_route_uses_the_prefix_for_its_default_persona(settings):
@@ -78,18 +91,18 @@ def test_the_seed_route_uses_the_prefix_for_its_default_persona(settings):
 
 
 def test_off_means_every_request_evaluates_its_whole_prompt(settings):
-    app, model = app_with_prefix(settings, cache=False)
-    assert app.runner.prefix is None
+    app, model = app_with_prefix(settings, cache=False, prompt_cache=False)
+    assert app.runner.evaluated == Evaluated()
     chat(app, SYSTEM)
     assert model.calls[-1]["reset_context"] is True and model.calls[-1]["prompt"] == chatml("Hi", SYSTEM)
 
 
 def test_the_pre_warm_evaluates_after_the_prefix_and_goes_back_to_it(settings):
     app, model = app_with_prefix(settings)
-    pre_warm(model, app.settings, app.runner.template, app.runner.prefix)
+    pre_warm(model, app.settings, app.runner.template, evaluate_prefix(model, app.settings, app.runner.template))
     call = model.calls[-1]
     assert call["reset_context"] is False and call["max_tokens"] == 1
-    assert model.model.context.n_past == app.runner.prefix.n_past
+    assert model.model.context.n_past == configured(app).n_past
     chat(app, SYSTEM)
     assert model.calls[-1]["reset_context"] is False
 

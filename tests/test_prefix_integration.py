@@ -10,14 +10,13 @@ import json
 import os
 import re
 import signal
-import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import pytest
 
 from apiserver.huge_pages import huge_pages_available
 
-from conftest import Process, request, wait_until
+from conftest import Process, both, request, wait_until
 
 PERSONA = ("You are Captain Ada, the quartermaster of a research ship. You answer questions about the "
            "ship's stores, its crew of twelve and its route from Lisbon to Reykjavik. You are precise "
@@ -66,21 +65,6 @@ CASES = [("openai, the configured persona", lambda p: chat(p, PERSONA), True),
          ("openai streamed, no persona", lambda p: chat(p, None, stream=True), False),
          ("original route, the configured persona (its default)", lambda p: seed(p, None), True),
          ("original route, another persona", lambda p: seed(p, OTHER), False)]
-
-
-def both(on: Process, off: Process, ask) -> Tuple[Any, Any]:
-    """The same question to both watchdogs at once."""
-    results: List[Any] = [None, None]
-
-    def run(index: int, process: Process) -> None:
-        results[index] = ask(process)
-
-    threads = [threading.Thread(target=run, args=pair) for pair in enumerate((on, off))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
-    return results[0], results[1]
 
 
 @pytest.fixture

@@ -1,0 +1,171 @@
+"""What a model load learns so that its contexts can be reused: the turn markers' token ids, and
+whether a context saved in one process comes back in another with the same answer (the self-test).
+
+Run once where the model is loaded (the zygote, or a worker that loads its own), before the system
+prompt's prefix is evaluated; the zygote's workers inherit the ReuseSetup. The self-test goes the
+whole way a cached prompt goes: a short chat evaluated and answered at temperature 0, its context
+written into a memory file as an entry (cache_entry.py), the context overwritten by another prompt,
+the entry read back, checked and restored, the token list written (kv_state.py), and the same
+question evaluated from the boundary: the answer must be the same tokens, and gpt4all's context
+laid out as kv_state expects before and after. Two saves of different lengths give the state's
+size per token (its room is allocated before llama.cpp writes). Any doubt turns the saved entries
+off, with one log line; the reuse inside a process (and the configured system prompt's prefix)
+needs only the markers. Imports settings, model, model_facts, kv_state, turns and cache_entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+import os
+import time
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+
+from apiserver.cache_entry import (InvalidEntry, StateSize, memory_file, open_state, read_header, state_facts,
+                                   write_entry)
+from apiserver.kv_state import NativeContext, NativeUnavailable
+from apiserver.model import PROMPT_AS_IS, ChatTemplate
+from apiserver.model_facts import file_digest
+from apiserver.settings import Settings
+from apiserver.turns import Evaluated, turn_offsets
+
+log = logging.getLogger("gpt4all_api")
+
+SELF_TEST_CHAT = [{"role": "system", "content": "You answer in one short sentence."},
+                  {"role": "user", "content": "Which three colors are the primary colors of light?"}]
+SELF_TEST_OTHER = "Count from one to ten in words, separated by commas."
+SELF_TEST_TOKENS = 4  # tokens generated on both sides of the comparison
+LAYOUT = "LLModelWrapper 2.8.2, std::vector<int32_t> tokens at +8"  # what kv_state writes into
+
+
+class SelfTestFailed(Exception):
+    """The saved context did not come back as it was: entries stay off."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReuseSetup:
+    marker_ids: FrozenSet[int] = frozenset()  # the turn markers' ids (none: no boundary can be found)
+    fingerprint: Optional[Dict[str, Any]] = None  # what entries must match; None: no entries
+    state_size: Optional[StateSize] = None
+    state_facts: Optional[Dict[str, int]] = None  # the shape every saved state of this setup has
+    entries_off: str = ""  # why there are no entries, for the log
+
+
+def run_prompt(model: Any, text: str, reset: bool, tokens: int, n_batch: int) -> Tuple[List[int], List[int]]:
+    """(prompt ids evaluated, ids generated) of text at temperature 0."""
+    evaluated: List[int] = []
+    generated: List[int] = []
+    model.model._prompt_callback = lambda token_id: evaluated.append(token_id) is None
+    model.model.prompt_model(text, PROMPT_AS_IS, lambda token_id, piece: generated.append(token_id) is None,
+                             n_predict=tokens, temp=0.0, top_k=1, n_batch=n_batch, reset_context=reset, special=True)
+    return evaluated, generated
+
+
+def learn_marker_ids(model: Any, template: ChatTemplate, settings: Settings) -> FrozenSet[int]:
+    """The token id of each turn marker that is one special token (the others are left out)."""
+    found = set()
+    for marker in template.turn_start:
+        evaluated, _ = run_prompt(model, marker, reset=True, tokens=0, n_batch=settings.n_batch)
+        if len(evaluated) == 1:
+            found.add(evaluated[0])
+        else:
+            log.info("the turn marker %r is %d tokens, not one: prompts are not cut there", marker, len(evaluated))
+    return frozenset(found)
+
+
+def make_fingerprint(native: NativeContext, settings: Settings, template: ChatTemplate,
+                marker_ids: FrozenSet[int]) -> Dict[str, Any]:
+    """What an entry must have been written by to be restored here."""
+    stat = settings.model_file.stat()
+    return {"gpt4all": importlib.metadata.version("gpt4all"), "layout": LAYOUT,
+            "model": file_digest(settings.model_file, stat.st_size, stat.st_mtime_ns, settings),
+            "n_ctx": settings.n_ctx, "state_bound": native.state_size_bound(), "template": template.name,
+            "markers": sorted(marker_ids)}
+
+
+def save_scratch(native: NativeContext, fingerprint: Dict[str, Any], evaluated: Evaluated) -> Tuple[int, int]:
+    """The context saved into a new memory file as an entry: (its fd, its state's bytes)."""
+    fd = memory_file("gpt4all_api prompt cache self-test")
+    try:
+        return fd, write_entry(fd, fingerprint, evaluated, native.tokens()[:evaluated.n_past], native.save_state, 0,
+                               native.state_size_bound())
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def self_test(model: Any, native: NativeContext, settings: Settings, template: ChatTemplate,
+              marker_ids: FrozenSet[int]) -> Tuple[Dict[str, Any], StateSize, Dict[str, int]]:
+    """Save, overwrite, restore and compare (the module's docstring); raises SelfTestFailed."""
+    prompt = template.render(SELF_TEST_CHAT)
+    offsets = turn_offsets(prompt, template.turn_start)
+    evaluated_ids, expected = run_prompt(model, prompt, reset=True, tokens=SELF_TEST_TOKENS, n_batch=settings.n_batch)
+    if not native.layout_holds():
+        raise SelfTestFailed("gpt4all's context is not laid out as this version expects")
+    evaluated = Evaluated().extended(prompt, offsets, (0, 0), evaluated_ids, marker_ids, complete=True)
+    start = evaluated.start_for(prompt, offsets)
+    if not start[1]:
+        raise SelfTestFailed("no turn boundary was found in the evaluated tokens")
+    fingerprint = make_fingerprint(native, settings, template, marker_ids)
+    first_tokens = len(native.tokens())
+    fd, first_size = save_scratch(native, fingerprint, evaluated.up_to(start[0]))
+    try:
+        run_prompt(model, template.render([{"role": "user", "content": SELF_TEST_OTHER}]), reset=True, tokens=1,
+                   n_batch=settings.n_batch)
+        second_tokens = len(native.tokens())
+        other, second_size = save_scratch(native, fingerprint, Evaluated())
+        os.close(other)
+        entry = read_header(fd, fingerprint)
+        facts = state_facts(fd, entry)
+        state = open_state(fd, entry, facts)
+        try:
+            restored = native.restore_state(state.address)
+        finally:
+            state.close()
+    finally:
+        os.close(fd)
+    if restored != entry.blob_length:
+        raise SelfTestFailed(f"the model read {restored} bytes of a {entry.blob_length}-byte state")
+    native.set_tokens(entry.tokens[:start[1]])
+    model.model.context.n_past = start[1]
+    _, answer = run_prompt(model, prompt[start[0]:], reset=False, tokens=SELF_TEST_TOKENS, n_batch=settings.n_batch)
+    if answer != expected or not native.layout_holds():
+        raise SelfTestFailed(f"a restored context answered {answer}, a full evaluation {expected}")
+    if second_tokens == first_tokens or (second_size - first_size) * (second_tokens - first_tokens) <= 0:
+        raise SelfTestFailed("the state's size does not grow with the context")
+    per_token = (second_size - first_size) // (second_tokens - first_tokens)
+    return fingerprint, StateSize(first_size - per_token * first_tokens, per_token), facts
+
+
+def prepare_reuse(model: Any, settings: Settings, template: ChatTemplate, entries: bool) -> ReuseSetup:
+    """Learn the markers; with entries (saved and restored across processes), run the self-test.
+    Entries wanted and off: one log line says why."""
+    setup = learn_and_test(model, settings, template, entries)
+    if entries and setup.fingerprint is None:
+        log.warning("prompt cache: saved contexts are off: %s", setup.entries_off)
+    return setup
+
+
+def learn_and_test(model: Any, settings: Settings, template: ChatTemplate, entries: bool) -> ReuseSetup:
+    if not template.turn_start:
+        return ReuseSetup(entries_off=f"the {template.name} template has no special token that begins a turn")
+    marker_ids = learn_marker_ids(model, template, settings)
+    if not marker_ids:
+        return ReuseSetup(entries_off="no turn marker is a special token of this model")
+    if not entries:
+        return ReuseSetup(marker_ids)
+    if settings.device != "cpu":
+        return ReuseSetup(marker_ids, entries_off=f"device = {settings.device}: saved contexts are restored on the cpu only")
+    started = time.monotonic()
+    threads = model.model.thread_count()
+    model.model.set_thread_count(1)  # beside a generation, one thread slows it least (none waits for another)
+    try:
+        fingerprint, state_size, facts = self_test(model, NativeContext(model), settings, template, marker_ids)
+    except (NativeUnavailable, SelfTestFailed, InvalidEntry, OSError) as error:
+        return ReuseSetup(marker_ids, entries_off=f"the self-test failed: {error}")
+    finally:
+        model.model.set_thread_count(threads)
+    log.info("prompt cache: self-test passed in %.2f s (a restored context answers as a full evaluation; "
+             "%d bytes of state per token)", time.monotonic() - started, state_size.per_token)
+    return ReuseSetup(marker_ids, fingerprint, state_size, facts)

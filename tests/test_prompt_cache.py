@@ -1,0 +1,250 @@
+"""The prompt cache's worker side with fakes: the self-test and its off switch (reuse_setup.py), an
+entry found, checked and restored or refused (prompt_cache.py), and the runner going on from it,
+announcing and saving its own (engine.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+from typing import List, Optional, Tuple
+
+import pytest
+
+from apiserver import reuse_setup
+from apiserver.cache_entry import memory_file, read_header, write_entry
+from apiserver.engine import ModelRunner
+from apiserver.kv_state import NativeUnavailable
+from apiserver.model import TEMPLATES
+from apiserver.prompt_cache import RestoreFailed
+from apiserver.protocol import MSG_CACHE_BAD, MSG_CACHE_ENTRY, MSG_CACHE_PENDING, MSG_CACHE_USED
+from apiserver.reuse_setup import ReuseSetup, prepare_reuse
+from apiserver.turns import Evaluated, prefix_hashes, turn_offsets
+from fake_model import FakeModel, fake_tokens
+from test_cache_entry import state_bytes
+from unit_helpers import chatml, make_app
+
+CHATML = TEMPLATES["chatml"]
+KV_HEAD_AT = len(state_bytes(cells=0)) - 24 + 8  # the KV header (24 bytes) ends the empty state; kv_head follows its size
+
+
+class FakeNative:
+    """kv_state.NativeContext on a FakeModel: the token list is the fake's, a state is state_bytes()
+    with a cell per token (so that its size grows with the context)."""
+
+    layout = True  # what layout_holds() answers
+    misread = 0  # bytes restore_state reads wrong
+
+    def __init__(self, model: FakeModel):
+        self.model = model
+        self.restored: List[int] = []
+
+    def layout_holds(self) -> bool:
+        return self.layout
+
+    def tokens(self) -> List[int]:
+        return list(self.model.model.tokens)
+
+    def set_tokens(self, ids) -> None:
+        self.model.model.tokens[:] = ids
+
+    def state_size_bound(self) -> int:
+        return 1 << 22
+
+    def save_state(self, address: int) -> int:
+        blob = state_bytes(cells=max(1, len(self.model.model.tokens)), kv_size=2048)
+        ctypes.memmove(address, blob, len(blob))
+        return len(blob)
+
+    def restore_state(self, address: int) -> int:
+        cells = ctypes.c_uint32.from_address(address + KV_HEAD_AT).value
+        self.restored.append(cells)
+        return len(state_bytes(cells=cells, kv_size=2048)) - self.misread
+
+
+@pytest.fixture
+def fake_native(monkeypatch):
+    monkeypatch.setattr(reuse_setup, "NativeContext", FakeNative)
+    monkeypatch.setattr("apiserver.prompt_cache.NativeContext", FakeNative)
+    FakeNative.layout, FakeNative.misread = True, 0
+    return FakeNative
+
+
+@pytest.fixture
+def model_settings(settings, tmp_path):
+    model_file = tmp_path / "model.gguf"
+    model_file.write_bytes(b"GGUF" + bytes(100))
+    return dataclasses.replace(settings, model=str(model_file), n_threads=1)
+
+
+def test_the_self_test_passes_and_learns_the_state_size(fake_native, model_settings):
+    setup = prepare_reuse(FakeModel(), model_settings, CHATML, entries=True)
+    assert setup.marker_ids == {151644} and setup.fingerprint is not None and not setup.entries_off
+    assert setup.state_size.per_token == 96 + 16, "KV and cell bytes per token"
+    assert setup.state_facts["kv_bytes_per_cell"] == 96
+    assert setup.fingerprint["n_ctx"] == model_settings.n_ctx and setup.fingerprint["markers"] == [151644]
+
+
+@pytest.mark.parametrize("fault", ["answer", "misread", "layout", "native"])
+def test_a_failed_self_test_turns_saved_contexts_off_with_one_log_line(fake_native, model_settings, monkeypatch,
+                                                                       caplog, fault):
+    model = FakeModel()
+    if fault == "answer":
+        restore = FakeNative.restore_state
+
+        def restore_and_answer_otherwise(self, address):
+            self.model.pieces = ["Something", " else"]
+            return restore(self, address)
+        monkeypatch.setattr(FakeNative, "restore_state", restore_and_answer_otherwise)
+    elif fault == "misread":
+        FakeNative.misread = 4
+    elif fault == "layout":
+        FakeNative.layout = False
+    else:
+        def unavailable(model):
+            raise NativeUnavailable("libstdc++'s operator new is not reachable")
+        monkeypatch.setattr(reuse_setup, "NativeContext", unavailable)
+    with caplog.at_level(logging.WARNING, logger="gpt4all_api"):
+        setup = prepare_reuse(model, model_settings, CHATML, entries=True)
+    assert setup.fingerprint is None and setup.entries_off.startswith("the self-test failed")
+    assert setup.marker_ids == {151644}, "reuse inside a process needs only the markers"
+    lines = [record.getMessage() for record in caplog.records if "prompt cache" in record.getMessage()]
+    assert len(lines) == 1 and "saved contexts are off" in lines[0], lines
+
+
+def test_no_markers_no_reuse(model_settings):
+    setup = prepare_reuse(FakeModel(), model_settings, TEMPLATES["plain"], entries=True)
+    assert setup == ReuseSetup(entries_off="the plain template has no special token that begins a turn")
+
+
+class FakeLink:
+    """protocol.WatchdogLink as PromptCache uses it: the answer to a lookup, and what was sent."""
+
+    def __init__(self) -> None:
+        self.sent: List[Tuple[bytes, bytes, int]] = []
+        self.found: Optional[Tuple[int, int, int]] = None
+        self.asked: List[bytes] = []
+
+    def find_cache_entry(self, names: bytes, timeout: float):
+        self.asked.append(names)
+        found, self.found = self.found, None
+        return found
+
+    def send(self, kind: bytes, payload: bytes = b"", fds=()) -> None:
+        self.sent.append((kind, payload, os.dup(fds[0]) if fds else -1))
+
+
+SYSTEM = "You are the house. " * 10
+FIRST = chatml("Turn off the lamp.", SYSTEM)
+SECOND = chatml("Is the door locked?", SYSTEM)
+
+
+def runner_with_cache(model_settings, fake_native):
+    model = FakeModel()
+    setup = prepare_reuse(model, model_settings, CHATML, entries=True)
+    app = make_app(model_settings, prompt_cache=True, restart_after_requests=1)
+    app.runner = ModelRunner(model, app.settings, CHATML, heartbeat=lambda: None, reuse=setup)
+    link = FakeLink()
+    app.runner.attach_cache(link)
+    return app, model, link
+
+
+def saved_entry(setup: ReuseSetup, prompt: str, tokens: int = 0) -> Tuple[int, Evaluated]:
+    """An entry for prompt as a worker saves it (its state of the right shape)."""
+    evaluated = Evaluated().extended(prompt, turn_offsets(prompt, CHATML.turn_start), (0, 0), fake_tokens(prompt),
+                                     frozenset({151644}), True)
+    fd = memory_file("test entry")
+    blob = state_bytes(cells=tokens or len(fake_tokens(prompt)), kv_size=2048)
+    write_entry(fd, setup.fingerprint, evaluated, fake_tokens(prompt)[:evaluated.n_past],
+                lambda address: ctypes.memmove(address, blob, len(blob)) and len(blob), 0, 1 << 22)
+    return fd, evaluated
+
+
+def test_a_fresh_worker_goes_on_from_an_entry_and_says_it_was_sound(model_settings, fake_native):
+    app, model, link = runner_with_cache(model_settings, fake_native)
+    fd, evaluated = saved_entry(app.runner.reuse, FIRST)
+    offsets = [offset for offset in turn_offsets(SECOND, CHATML.turn_start) if 0 < offset < len(SECOND)]
+    link.found = (7, 0, fd)  # the entry holds the first boundary: the system turn
+    completion = app.runner.complete(SECOND, app_params(app), client_alive=lambda: True)
+    call = model.calls[-1]
+    system_turn = evaluated.marks[0]
+    assert call["reset_context"] is False and call["prompt"] == SECOND[system_turn[0]:]
+    assert completion.cached_tokens == system_turn[1] and completion.prompt_tokens == len(fake_tokens(SECOND))
+    assert link.asked == [b"".join(prefix_hashes(SECOND, offsets))], "every boundary beyond what the process holds"
+    assert (MSG_CACHE_USED, b"7", -1) in link.sent
+    assert model.model.tokens[:system_turn[1]] == fake_tokens(SECOND)[:system_turn[1]], "the token list restored"
+
+
+def test_an_entry_that_fails_its_checks_is_reported_and_the_whole_prompt_evaluated(model_settings, fake_native,
+                                                                                  caplog):
+    app, model, link = runner_with_cache(model_settings, fake_native)
+    fd, _ = saved_entry(app.runner.reuse, FIRST)
+    entry = read_header(fd, app.runner.reuse.fingerprint)
+    byte = os.pread(fd, 1, entry.blob_offset + 40)
+    os.pwrite(fd, bytes([byte[0] ^ 1]), entry.blob_offset + 40)
+    link.found = (3, 0, fd)
+    with caplog.at_level(logging.WARNING, logger="gpt4all_api"):
+        completion = app.runner.complete(SECOND, app_params(app), client_alive=lambda: True)
+    assert model.calls[-1]["reset_context"] is True and completion.cached_tokens == 0
+    assert (MSG_CACHE_BAD, b"3", -1) in link.sent
+    assert "entry 3 not used" in caplog.text and "checksum" in caplog.text
+
+
+def test_a_state_the_model_misreads_means_a_context_from_zero(model_settings, fake_native):
+    app, model, link = runner_with_cache(model_settings, fake_native)
+    fd, _ = saved_entry(app.runner.reuse, FIRST)
+    link.found = (5, 0, fd)
+    FakeNative.misread = 8
+    with pytest.raises(RestoreFailed):
+        app.runner.cache.restore_longest(SECOND, turn_offsets(SECOND, CHATML.turn_start), 0)
+    link.found = (5, 0, saved_entry(app.runner.reuse, FIRST)[0])
+    completion = app.runner.complete(SECOND, app_params(app), client_alive=lambda: True)
+    assert model.calls[-1]["reset_context"] is True and completion.cached_tokens == 0
+    assert [kind for kind, _, _ in link.sent].count(MSG_CACHE_BAD) == 2
+
+
+def test_the_last_generation_announces_its_entry_and_the_exit_saves_it(model_settings, fake_native):
+    app, model, link = runner_with_cache(model_settings, fake_native)
+    app.runner.exit_after_this()
+    app.runner.complete(FIRST, app_params(app), client_alive=lambda: True)
+    pending = [payload for kind, payload, _ in link.sent if kind == MSG_CACHE_PENDING]
+    evaluated = app.runner.evaluated
+    names = b"".join(prefix_hashes(FIRST, [offset for offset, _ in evaluated.marks]))
+    assert pending == [names] and evaluated.text == FIRST[:evaluated.marks[-1][0]]
+    app.runner.save_context()
+    kind, payload, fd = link.sent[-1]
+    assert kind == MSG_CACHE_ENTRY and payload == names
+    entry = read_header(fd, app.runner.reuse.fingerprint)
+    assert entry.evaluated == evaluated and list(entry.tokens) == fake_tokens(FIRST)[:evaluated.n_past]
+    os.close(fd)
+
+
+def test_a_save_without_room_says_no_entry_is_coming(model_settings, fake_native, monkeypatch, caplog):
+    app, model, link = runner_with_cache(model_settings, fake_native)
+    app.runner.exit_after_this()
+    app.runner.complete(FIRST, app_params(app), client_alive=lambda: True)
+
+    def no_room(fd, offset, length):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    with caplog.at_level(logging.WARNING, logger="gpt4all_api"):
+        app.runner.save_context()
+    assert link.sent[-1] == (MSG_CACHE_ENTRY, b"", -1), "no file: the announced entry will not come"
+    assert "not saved" in caplog.text and "No space left" in caplog.text
+
+
+def test_a_worker_that_keeps_serving_saves_nothing(model_settings, fake_native):
+    app, model, link = runner_with_cache(model_settings, fake_native)
+    app.runner.complete(FIRST, app_params(app), client_alive=lambda: True)
+    app.runner.complete(SECOND, app_params(app), client_alive=lambda: True)
+    assert model.calls[-1]["reset_context"] is False, "its own context: the system turn"
+    assert not [kind for kind, _, _ in link.sent if kind in (MSG_CACHE_PENDING, MSG_CACHE_ENTRY)]
+
+
+def app_params(app):
+    from apiserver.engine import GenerationParams
+    settings = app.settings
+    return GenerationParams(max_tokens=4, temperature=0.0, top_k=settings.top_k, top_p=settings.top_p,
+                            min_p=settings.min_p, repeat_penalty=settings.repeat_penalty,
+                            repeat_last_n=settings.repeat_last_n)
