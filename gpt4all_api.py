@@ -101,8 +101,9 @@ class ModelLoader(threading.Thread):
         try:
             started = time.monotonic()
             if self.preloaded:
-                model, template, cpu_share, prefix, reuse, written_pages, _ = self.preloaded
-                copied = populate(written_pages)  # the first request would copy them, slower
+                model, template, cpu_share = self.preloaded.model, self.preloaded.template, self.preloaded.cpu_share
+                prefix, reuse = self.preloaded.prefix, self.preloaded.reuse
+                copied = populate(self.preloaded.written_pages)  # the first request would copy them, slower
                 how = (f"forked from the zygote (pre-warmed: {copied / 2**20:.0f} MiB copied in "
                        f"{(time.monotonic() - started) * 1000:.0f} ms), which loaded")
             else:
@@ -113,7 +114,7 @@ class ModelLoader(threading.Thread):
                 # its own model meanwhile serves a few requests at most, and saves nothing.
                 entries = self.worker and saves_contexts(settings) and os.environ.get(ENV_ZYGOTE_SERVES) != "1"
                 reuse = prepare_reuse(model, settings, template, entries)
-                prefix = evaluate_prefix(model, settings, template)
+                prefix = evaluate_prefix(model, settings, template, reuse.tokenizer())
                 how = f"loaded in {self.load_seconds:.2f}s:"
             self.runner = ModelRunner(model, settings, template, self.heartbeat.touch, cpu_share, prefix, reuse)
             log.info("%s model %s (template %s, n_ctx %d)", how, settings.model_id, template.name, settings.n_ctx)
@@ -321,7 +322,7 @@ def run_zygote(settings: Settings) -> int:
     warm_up(model, settings)
     template = choose_template(settings, settings.model_file)
     reuse = prepare_reuse(model, settings, template, entries=saves_contexts(settings))
-    prefix = evaluate_prefix(model, settings, template)  # every forked worker starts with it evaluated
+    prefix = evaluate_prefix(model, settings, template, reuse.tokenizer())  # every forked worker starts with it
     written_pages = probe_written_pages(lambda: pre_warm(model, settings, template, prefix))
     if settings.huge_pages:  # the memory every worker starts from: fewer page-table entries to copy and drop
         collapse_into_huge_pages()

@@ -3,9 +3,9 @@
 From the bottom: settings and protocol (leaves: the watchdog imports only these, and metrics,
 unavailable and cache_store, the prompt cache's saved contexts), forking (the zygote's fork loop),
 cpu_share, model, then the reuse of evaluated prompts: turns (turn boundaries), kv_state (gpt4all's
-native context), cache_entry (a saved context's format), reuse_setup (markers and the self-test),
-prompt_cache (a worker's side of the cache); engine (generation, knows nothing of HTTP), fields and
-api (requests, replies, errors, dispatch, the batched token stream), one module per wire protocol
-(seed_api, openai_api, ollama_api), routes (the table built from them), http_server (the
-transport). This file imports nothing, so `import apiserver.settings` loads only that module.
+native context), cache_entry (a saved context's format), reuse_setup (markers, tokenizer, the
+self-test), prompt_cache (a worker's side of the cache), context (what the model's context holds);
+engine (generation, knows nothing of HTTP), fields and api (requests, replies, errors, dispatch,
+the batched token stream), one module per wire protocol (seed_api, openai_api, ollama_api), routes
+(the table built from them), http_server (the transport). This file imports nothing, so `import apiserver.settings` loads only that module.
 """

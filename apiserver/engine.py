@@ -4,11 +4,9 @@ Owns GenerationParams, Completion, StopScanner and ModelRunner, the one place th
 Under the watchdog each generation also waits for one of the box's slots (a SlotGate: the worker's
 WatchdogLink), and the free cores are divided by the generations running on the box. It knows
 nothing of HTTP: it raises its own errors (QueueFull, PromptTooLong, PromptNotUnicode, ClientGone)
-and api.py gives each its status. A prompt evaluates only what its context does not hold yet: the
-runner keeps what the context holds (turns.Evaluated: the configured system prompt's turn from the
-zygote, prefix.py, then each prompt it evaluated) and starts a prompt at the longest turn boundary
-they share, or at a longer one restored from the watchdog's cache (prompt_cache.py). Imports
-settings, protocol (SlotRefused), cpu_share, model, prefix, turns, reuse_setup and prompt_cache.
+and api.py gives each its status. A prompt evaluates only what the model's context does not hold
+yet, in batches of three tokens or more (context.py says where it starts and in which batch size).
+Imports settings, protocol (SlotRefused), cpu_share, model, prefix, reuse_setup and context.
 """
 
 from __future__ import annotations
@@ -19,14 +17,13 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
+from apiserver.context import ModelContext
 from apiserver.cpu_share import CpuShare
 from apiserver.model import PROMPT_AS_IS, ChatTemplate
 from apiserver.prefix import Prefix
-from apiserver.prompt_cache import PromptCache, RestoreFailed
 from apiserver.protocol import SlotRefused, WatchdogLink
 from apiserver.reuse_setup import ReuseSetup
 from apiserver.settings import Settings
-from apiserver.turns import Evaluated, Mark, turn_offsets
 
 log = logging.getLogger("gpt4all_api")
 
@@ -234,14 +231,7 @@ class ModelRunner:
         self.threads = model.model.thread_count()
         self.gate: Optional[SlotGate] = None  # under the watchdog: the box's slots
         self.running_on_box = 1  # generations running on the box: the free cores are divided by it
-        self.reuse = reuse
-        self.markers = template.turn_start if reuse.marker_ids else ()
-        # What the model's context holds: the system prompt's turn (evaluated by the zygote), then
-        # each prompt evaluated. With prompt_cache = false, only that turn is kept (configured).
-        self.evaluated = Evaluated(prefix.text, ((len(prefix.text), prefix.n_past),)) if prefix else Evaluated()
-        self.configured = self.evaluated if not settings.prompt_cache else None
-        self.cache: Optional[PromptCache] = None  # under the watchdog, with saved entries: attach_cache()
-        self.unsaved = False  # the context holds turns no entry holds yet
+        self.context = ModelContext(model, settings, template, prefix, reuse)  # what it holds, where prompts start
 
     def set_running_on_box(self, running: int) -> None:
         """The watchdog says how many generations run now; the next token uses the new share."""
@@ -326,63 +316,23 @@ class ModelRunner:
         self.set_running_on_box(running)
 
     def attach_cache(self, link: WatchdogLink) -> None:
-        """Under the watchdog, with a worker per request (or per few): the cache of saved contexts."""
-        if self.reuse.fingerprint is not None and self.settings.prompt_cache and self.settings.restart_after_requests:
-            self.cache = PromptCache(self.model, self.reuse, link)
-
-    def start_for(self, prompt: str, offsets: List[int]) -> Mark:
-        """Where prompt starts: the longest boundary the context holds, or a longer one restored
-        from the cache; the context is set back (n_past) to it."""
-        start = self.evaluated.start_for(prompt, offsets)
-        if self.cache is not None:
-            try:
-                restored = self.cache.restore_longest(prompt, offsets, start[0])
-            except RestoreFailed as error:
-                log.warning("prompt cache: %s; the whole prompt is evaluated", error)
-                self.evaluated = Evaluated()
-                return 0, 0
-            if restored is not None:
-                self.evaluated = restored
-                return restored.marks[-1]
-        if start[1]:
-            self.model.model.context.n_past = start[1]
-        return start
-
-    def keep_evaluated(self, prompt: str, offsets: List[int], start: Mark, generation: Generation) -> None:
-        """After a generation: what the context now holds (its prompt's turns, unless gpt4all may
-        have shifted the context to go on)."""
-        if generation.prompt_tokens + generation.tokens >= self.settings.n_ctx - 1:
-            self.evaluated = Evaluated()
-        else:
-            self.evaluated = self.evaluated.extended(prompt, offsets, start, generation.evaluated_ids,
-                                                     self.reuse.marker_ids, complete=not generation.prompt_stopped)
-        if self.configured is not None:  # prompt_cache = false: the system prompt's turn alone
-            held = self.evaluated.up_to(len(self.configured.text))
-            self.evaluated = held if held == self.configured else Evaluated()
-        self.unsaved = self.unsaved or self.evaluated.n_past > start[1]
-        if self.cache is not None:
-            self.cache.went_on()
-            if self.cache.saves and self.unsaved:
-                self.cache.announce(self.evaluated)
+        self.context.attach_cache(link)
 
     def exit_after_this(self) -> None:
-        """The worker exits after the request being admitted: its context will be saved then."""
-        if self.cache is not None:
-            self.cache.saves = True
+        self.context.exit_after_this()
 
     def save_context(self) -> None:
-        """Before the worker exits: its context, for the workers after it (announced already)."""
-        if self.cache is not None:
-            with self._generation:
-                self.cache.save(self.evaluated)
+        """Before the worker exits: its context, for the workers after it."""
+        with self._generation:
+            self.context.save()
 
     def _run(self, prompt: str, generation: Generation, queued: float) -> Completion:
         # gpt4all 2.8.2: GPT4All.generate() tokenizes with special=False, which spells the template's
         # markers out as text; the low-level prompt_model() parses them as the special tokens they are.
         # _prompt_callback is called once per prompt token.
-        params = generation.params
-        offsets = turn_offsets(prompt, self.markers)
-        start = self.start_for(prompt, offsets)
+        params, context = generation.params, self.context
+        offsets = context.boundaries(prompt)
+        start = context.start_for(prompt, offsets)
         generation.prompt_tokens = generation.cached_tokens = start[1]  # usage: the whole prompt
         self.model.model._prompt_callback = generation.on_prompt_token
         self.adapt_threads()
@@ -393,9 +343,11 @@ class ModelRunner:
                 prompt[start[0]:], PROMPT_AS_IS, generation.on_token, n_predict=params.max_tokens,
                 temp=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
                 repeat_penalty=params.repeat_penalty, repeat_last_n=params.repeat_last_n,
-                n_batch=self.settings.n_batch, reset_context=not start[1], special=True)
+                n_batch=context.batch_for(prompt[start[0]:], from_empty=not start[1]), reset_context=not start[1],
+                special=True)
         finally:
-            self.keep_evaluated(prompt, offsets, start, generation)
+            context.evaluated_from(prompt, offsets, start, generation.evaluated_ids, not generation.prompt_stopped,
+                                   shifted=generation.prompt_tokens + generation.tokens >= self.settings.n_ctx - 1)
         completion = generation.result(queued)
         self.completed += 1
         return completion

@@ -1,5 +1,5 @@
 """The model's context at gpt4all's native level: its token list read and written, its KV state
-saved into and restored from memory.
+saved into and restored from memory, and text tokenized as gpt4all tokenizes a prompt.
 
 gpt4all 2.8.2's Python bindings declare no signatures for llmodel_get_state_size,
 llmodel_save_state_data and llmodel_restore_state_data (ctypes would cut the 64-bit pointer to an
@@ -9,19 +9,24 @@ past its end the whole process aborts. The handle behind GPT4All.model.model poi
 n_past; ... } }` (../shared/research/gpt4all-kv-state.md has the source and the disassembly).
 NativeContext reads and writes that vector in place, with memory from libstdc++'s own operator new
 (the vector frees it with operator delete), and only once layout_holds() has matched its three
-pointers against what gpt4all itself reports after a prompt. Imports only the standard library:
-the caller passes the loaded model.
+pointers against what gpt4all itself reports after a prompt. gpt4all's tokenizer is reached the
+same way: LLamaModel::tokenize (exported by the implementation library that holds the model's
+vtable) called with a hand-made std::string and a returned std::vector. Imports only the standard
+library: the caller passes the loaded model.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import Any, List, Sequence
+import os
+from typing import Any, List, Optional, Sequence
 
 # Offsets in LLModelWrapper (x86-64 and arm64, libstdc++ and libc++): the vector's three pointers, n_past.
 VECTOR_BEGIN, VECTOR_END, VECTOR_CAPACITY, N_PAST = 0x08, 0x10, 0x18, 0x20
 TOKEN_BYTES = 4
 STATE_FUNCTIONS = ("llmodel_get_state_size", "llmodel_save_state_data", "llmodel_restore_state_data")
+# std::vector<Token> LLamaModel::tokenize(PromptContext &, const std::string &, bool special), libstdc++'s ABI.
+TOKENIZE = "_ZN10LLamaModel8tokenizeERN7LLModel13PromptContextERKNSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEEb"
 
 
 class NativeUnavailable(Exception):
@@ -53,14 +58,59 @@ def cxx_allocator() -> Any:
     return allocate, free
 
 
+def mapped_file(address: int) -> Optional[str]:
+    """The file whose mapping holds address (/proc/self/maps), or None."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                low, high = (int(bound, 16) for bound in fields[0].split("-"))
+                if low <= address < high and len(fields) == 6:
+                    return fields[5].strip()
+    except OSError:
+        return None
+    return None
+
+
 class NativeContext:
-    """One loaded model's context: its token list, n_past, and its KV state as bytes."""
+    """One loaded model's context: its token list, n_past, its KV state as bytes, its tokenizer."""
 
     def __init__(self, model: Any):
         self.llmodel = model.model  # gpt4all's LLModel
         self.handle = int(self.llmodel.model)  # the LLModelWrapper's address
         self.library = state_library()
         self.allocate, self.free = cxx_allocator()
+        self.tokenize_function = self.find_tokenize()
+
+    def find_tokenize(self) -> Any:
+        """LLamaModel::tokenize of the implementation library the model's vtable lies in (gpt4all
+        loads several variants; only that one's code goes with this object)."""
+        model = self.pointer(0)
+        path = mapped_file(ctypes.c_uint64.from_address(model).value) if model else None
+        try:
+            function = getattr(ctypes.CDLL(path, mode=os.RTLD_NOLOAD), TOKENIZE) if path else None
+        except (OSError, AttributeError):
+            function = None
+        if function is None:
+            raise NativeUnavailable(f"gpt4all's tokenizer is not reachable (model code in {path})")
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_bool]
+        function.restype = None  # the vector comes back through the first (hidden) pointer
+        return function
+
+    def tokenize(self, text: str) -> List[int]:
+        """The ids gpt4all gives text (special tokens parsed); a BOS first when the model adds one
+        and the last prompt started from an empty context."""
+        data = text.encode("utf-8")
+        buffer = ctypes.create_string_buffer(data, len(data) + 1)
+        string = (ctypes.c_uint64 * 4)(ctypes.addressof(buffer), len(data), len(data), 0)  # pointer, size, capacity
+        vector = (ctypes.c_uint64 * 3)()
+        self.tokenize_function(ctypes.addressof(vector), self.pointer(0), self.handle + VECTOR_BEGIN,
+                               ctypes.addressof(string), True)
+        count = (vector[1] - vector[0]) // TOKEN_BYTES
+        ids = list((ctypes.c_int32 * count).from_address(vector[0])) if count else []
+        if vector[0]:
+            self.free(vector[0])
+        return ids
 
     def pointer(self, offset: int) -> int:
         return ctypes.c_uint64.from_address(self.handle + offset).value

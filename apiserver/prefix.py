@@ -8,7 +8,7 @@ tokens in its model's context (gpt4all keeps them: n_past and the token list), a
 begins with the prefix's text evaluates only the rest, prompt_model(..., reset_context=False) from
 n_past set back to the prefix's end (the engine does that). The prefix ends where a special token
 begins the next turn, so the split tokenizes exactly as the whole prompt would: answers are
-byte-identical with and without it. Imports settings and model only.
+byte-identical with and without it. Imports settings, model and turns only.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from apiserver.model import PROMPT_AS_IS, ChatTemplate
 from apiserver.settings import Settings
+from apiserver.turns import PromptTokenizer, batch_size
 
 log = logging.getLogger("gpt4all_api")
 
@@ -40,14 +41,17 @@ def prefix_text(template: ChatTemplate, system_prompt: str) -> str:
     return template.message.format(role=template.roles.get("system", "system"), content=system_prompt)
 
 
-def evaluate_prefix(model: Any, settings: Settings, template: ChatTemplate) -> Optional[Prefix]:
-    """Evaluate the configured system prompt's turn into the model's context (None: off, or no
-    system prompt to cache, or it does not fit the context)."""
+def evaluate_prefix(model: Any, settings: Settings, template: ChatTemplate,
+                    tokenizer: Optional[PromptTokenizer]) -> Optional[Prefix]:
+    """Evaluate the configured system prompt's turn into the model's context, in the batch size
+    every evaluation uses (turns.batch_size). None: off, no system prompt to cache, no tokenizer
+    (then nothing can be cut: reuse_setup.py), or it does not fit the context."""
     text = prefix_text(template, settings.system_prompt) if settings.system_prompt_cache else ""
-    if not text:
+    if not text or tokenizer is None:
         return None
     model.model._prompt_callback = lambda token_id: True
-    model.model.prompt_model(text, PROMPT_AS_IS, lambda token_id, piece: False, n_predict=0, n_batch=settings.n_batch,
+    model.model.prompt_model(text, PROMPT_AS_IS, lambda token_id, piece: False, n_predict=0,
+                             n_batch=batch_size(len(tokenizer.ids(text, from_empty=True)), settings.n_batch),
                              reset_context=True, special=True)
     n_past = model.model.context.n_past
     if n_past <= 0:

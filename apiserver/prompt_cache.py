@@ -21,7 +21,7 @@ from apiserver.cache_entry import InvalidEntry, memory_file, open_state, read_he
 from apiserver.kv_state import NativeContext
 from apiserver.protocol import MSG_CACHE_BAD, MSG_CACHE_ENTRY, MSG_CACHE_PENDING, MSG_CACHE_USED, WatchdogLink
 from apiserver.reuse_setup import ReuseSetup
-from apiserver.turns import Evaluated, prefix_hashes
+from apiserver.turns import Evaluated, PromptTokenizer, prefix_hashes
 
 log = logging.getLogger("gpt4all_api")
 
@@ -39,10 +39,10 @@ def entry_names(evaluated: Evaluated) -> bytes:
 class PromptCache:
     """This worker's side of the watchdog's cache: lookup and restore, announce, save."""
 
-    def __init__(self, model: Any, setup: ReuseSetup, link: WatchdogLink):
+    def __init__(self, model: Any, setup: ReuseSetup, link: WatchdogLink, native: NativeContext,
+                 tokenizer: PromptTokenizer):
         assert setup.fingerprint is not None and setup.state_size is not None and setup.state_facts is not None
-        self.model, self.setup, self.link = model, setup, link
-        self.native = NativeContext(model)
+        self.model, self.setup, self.link, self.native, self.tokenizer = model, setup, link, native, tokenizer
         self.bound = self.native.state_size_bound()
         self.restored: Optional[int] = None  # the entry restored for the generation running
         self.saves = False  # this worker exits after its current request: it saves its context then
@@ -69,6 +69,8 @@ class PromptCache:
             n_past = dict(entry.evaluated.marks).get(offset)
             if n_past is None or not prompt.startswith(entry.evaluated.text[:offset]):
                 raise InvalidEntry("it does not hold the prefix it was found for")
+            if list(entry.tokens[:n_past]) != self.tokenizer.ids(prompt[:offset], from_empty=True):
+                raise InvalidEntry("its tokens are not this prompt's")
             state = open_state(fd, entry, self.setup.state_facts)
         except (InvalidEntry, OSError) as error:
             log.warning("prompt cache: entry %d not used, the whole prompt is evaluated: %s", number, error)

@@ -1,16 +1,21 @@
-"""What a model load learns so that its contexts can be reused: the turn markers' token ids, and
-whether a context saved in one process comes back in another with the same answer (the self-test).
+"""What a model load learns so that evaluated prompts can be reused: the turn markers' token ids, a
+tokenizer that gives the ids gpt4all evaluates, and whether a context saved in one process comes
+back in another with the same answer (the self-test).
 
 Run once where the model is loaded (the zygote, or a worker that loads its own), before the system
-prompt's prefix is evaluated; the zygote's workers inherit the ReuseSetup. The self-test goes the
-whole way a cached prompt goes: a short chat evaluated and answered at temperature 0, its context
-written into a memory file as an entry (cache_entry.py), the context overwritten by another prompt,
-the entry read back, checked and restored, the token list written (kv_state.py), and the same
-question evaluated from the boundary: the answer must be the same tokens, and gpt4all's context
-laid out as kv_state expects before and after. Two saves of different lengths give the state's
-size per token (its room is allocated before llama.cpp writes). Any doubt turns the saved entries
-off, with one log line; the reuse inside a process (and the configured system prompt's prefix)
-needs only the markers. Imports settings, model, model_facts, kv_state, turns and cache_entry.
+prompt's prefix is evaluated; the zygote's workers inherit the ReuseSetup. Each marker is evaluated
+twice over from an empty context: two equal ids (three, after a BOS) make it one special token.
+gpt4all's own tokenizer (kv_state.py) must then give exactly the ids a full evaluation of a chat
+shows: prompts are cut at boundaries, and evaluated in batch sizes (turns.batch_size), only on its
+word. The self-test goes the whole way a cached prompt goes: a short chat evaluated and answered
+at temperature 0, its context written into a memory file as an entry (cache_entry.py), the context
+overwritten by another prompt, the entry read back, checked and restored, the token list written,
+and the same question evaluated from the boundary: the answer must be the same tokens, and gpt4all's
+context laid out as kv_state expects before and after. Two saves of different lengths give the
+state's size per token (its room is allocated before llama.cpp writes). A doubt about the
+tokenizer turns all reuse off; a failed self-test turns the saved entries off (the reuse inside a
+process and the configured system prompt's prefix go on); one log line says why. Imports settings,
+model, model_facts, kv_state, turns and cache_entry.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from apiserver.kv_state import NativeContext, NativeUnavailable
 from apiserver.model import PROMPT_AS_IS, ChatTemplate
 from apiserver.model_facts import file_digest
 from apiserver.settings import Settings
-from apiserver.turns import Evaluated, turn_offsets
+from apiserver.turns import Evaluated, PromptTokenizer, batch_size, turn_offsets
 
 log = logging.getLogger("gpt4all_api")
 
@@ -45,11 +50,21 @@ class SelfTestFailed(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ReuseSetup:
-    marker_ids: FrozenSet[int] = frozenset()  # the turn markers' ids (none: no boundary can be found)
+    marker_ids: FrozenSet[int] = frozenset()  # the turn markers' ids (none: nothing is reused)
+    sentinel: Optional[Tuple[str, int]] = None  # a marker and its id, for PromptTokenizer
+    bos: Optional[int] = None  # the id the model puts first in a context (None: nothing)
     fingerprint: Optional[Dict[str, Any]] = None  # what entries must match; None: no entries
     state_size: Optional[StateSize] = None
     state_facts: Optional[Dict[str, int]] = None  # the shape every saved state of this setup has
     entries_off: str = ""  # why there are no entries, for the log
+    # The loaded model's native context (kv_state.py); a forked worker inherits the zygote's.
+    native: Optional[NativeContext] = dataclasses.field(default=None, compare=False)
+
+    def tokenizer(self) -> Optional[PromptTokenizer]:
+        """The prompt tokenizer (None: no reuse here)."""
+        if self.sentinel is None or self.native is None:
+            return None
+        return PromptTokenizer(self.native.tokenize, self.sentinel[0], self.sentinel[1], self.bos)
 
 
 def run_prompt(model: Any, text: str, reset: bool, tokens: int, n_batch: int) -> Tuple[List[int], List[int]]:
@@ -62,20 +77,22 @@ def run_prompt(model: Any, text: str, reset: bool, tokens: int, n_batch: int) ->
     return evaluated, generated
 
 
-def learn_marker_ids(model: Any, template: ChatTemplate, settings: Settings) -> FrozenSet[int]:
-    """The token id of each turn marker that is one special token (the others are left out)."""
-    found = set()
+def learn_markers(model: Any, template: ChatTemplate, settings: Settings) -> Tuple[Dict[str, int], Optional[int]]:
+    """({marker: id} of the turn markers that are one special token, the BOS id or None)."""
+    found: Dict[str, int] = {}
+    bos = None
     for marker in template.turn_start:
-        evaluated, _ = run_prompt(model, marker, reset=True, tokens=0, n_batch=settings.n_batch)
-        if len(evaluated) == 1:
-            found.add(evaluated[0])
+        evaluated, _ = run_prompt(model, marker * 2, reset=True, tokens=0, n_batch=settings.n_batch)
+        if len(evaluated) in (2, 3) and evaluated[-1] == evaluated[-2]:
+            found[marker] = evaluated[-1]
+            bos = evaluated[0] if len(evaluated) == 3 else None
         else:
-            log.info("the turn marker %r is %d tokens, not one: prompts are not cut there", marker, len(evaluated))
-    return frozenset(found)
+            log.info("the turn marker %r is not one token of this model: prompts are not cut there", marker)
+    return found, bos
 
 
 def make_fingerprint(native: NativeContext, settings: Settings, template: ChatTemplate,
-                marker_ids: FrozenSet[int]) -> Dict[str, Any]:
+                     marker_ids: FrozenSet[int]) -> Dict[str, Any]:
     """What an entry must have been written by to be restored here."""
     stat = settings.model_file.stat()
     return {"gpt4all": importlib.metadata.version("gpt4all"), "layout": LAYOUT,
@@ -95,54 +112,75 @@ def save_scratch(native: NativeContext, fingerprint: Dict[str, Any], evaluated: 
         raise
 
 
-def self_test(model: Any, native: NativeContext, settings: Settings, template: ChatTemplate,
-              marker_ids: FrozenSet[int]) -> Tuple[Dict[str, Any], StateSize, Dict[str, int]]:
-    """Save, overwrite, restore and compare (the module's docstring); raises SelfTestFailed."""
-    prompt = template.render(SELF_TEST_CHAT)
-    offsets = turn_offsets(prompt, template.turn_start)
-    evaluated_ids, expected = run_prompt(model, prompt, reset=True, tokens=SELF_TEST_TOKENS, n_batch=settings.n_batch)
-    if not native.layout_holds():
-        raise SelfTestFailed("gpt4all's context is not laid out as this version expects")
-    evaluated = Evaluated().extended(prompt, offsets, (0, 0), evaluated_ids, marker_ids, complete=True)
-    start = evaluated.start_for(prompt, offsets)
-    if not start[1]:
-        raise SelfTestFailed("no turn boundary was found in the evaluated tokens")
-    fingerprint = make_fingerprint(native, settings, template, marker_ids)
-    first_tokens = len(native.tokens())
-    fd, first_size = save_scratch(native, fingerprint, evaluated.up_to(start[0]))
-    try:
-        run_prompt(model, template.render([{"role": "user", "content": SELF_TEST_OTHER}]), reset=True, tokens=1,
-                   n_batch=settings.n_batch)
-        second_tokens = len(native.tokens())
-        other, second_size = save_scratch(native, fingerprint, Evaluated())
-        os.close(other)
-        entry = read_header(fd, fingerprint)
-        facts = state_facts(fd, entry)
-        state = open_state(fd, entry, facts)
+class SelfTest:
+    """The self-test's evaluations, each in the batch size every evaluation of the server uses."""
+
+    def __init__(self, model: Any, native: NativeContext, settings: Settings, template: ChatTemplate,
+                 setup: ReuseSetup):
+        self.model, self.native, self.settings, self.template, self.setup = model, native, settings, template, setup
+        self.tokenizer = setup.tokenizer()
+
+    def run(self, text: str, reset: bool, tokens: int) -> Tuple[List[int], List[int]]:
+        count = len(self.tokenizer.ids(text, from_empty=reset))
+        return run_prompt(self.model, text, reset, tokens, batch_size(count, self.settings.n_batch))
+
+    def check_tokenizer(self) -> None:
+        """The ids gpt4all's tokenizer gives a chat are those its evaluation shows."""
+        prompt = self.template.render(SELF_TEST_CHAT)
+        evaluated, _ = run_prompt(self.model, prompt, True, 0, self.settings.n_batch)
+        if self.tokenizer.ids(prompt, from_empty=True) != evaluated:
+            raise SelfTestFailed("gpt4all's tokenizer does not give the ids its evaluation shows")
+
+    def saved_and_restored(self) -> Tuple[Dict[str, Any], StateSize, Dict[str, int]]:
+        """Save, overwrite, restore and compare (the module's docstring)."""
+        native, template, marker_ids = self.native, self.template, self.setup.marker_ids
+        prompt = template.render(SELF_TEST_CHAT)
+        offsets = turn_offsets(prompt, template.turn_start)
+        evaluated_ids, expected = self.run(prompt, reset=True, tokens=SELF_TEST_TOKENS)
+        if not native.layout_holds():
+            raise SelfTestFailed("gpt4all's context is not laid out as this version expects")
+        evaluated = Evaluated().extended(prompt, offsets, (0, 0), evaluated_ids, marker_ids, True,
+                                         lead=0 if self.setup.bos is None else 1)
+        start = evaluated.start_for(prompt, offsets)
+        if not start[1]:
+            raise SelfTestFailed("no turn boundary was found in the evaluated tokens")
+        fingerprint = make_fingerprint(native, self.settings, template, marker_ids)
+        first_tokens = len(native.tokens())
+        fd, first_size = save_scratch(native, fingerprint, evaluated.up_to(start[0]))
         try:
-            restored = native.restore_state(state.address)
+            self.run(template.render([{"role": "user", "content": SELF_TEST_OTHER}]), reset=True, tokens=1)
+            second_tokens = len(native.tokens())
+            other, second_size = save_scratch(native, fingerprint, Evaluated())
+            os.close(other)
+            entry = read_header(fd, fingerprint)
+            facts = state_facts(fd, entry)
+            state = open_state(fd, entry, facts)
+            try:
+                restored = native.restore_state(state.address)
+            finally:
+                state.close()
         finally:
-            state.close()
-    finally:
-        os.close(fd)
-    if restored != entry.blob_length:
-        raise SelfTestFailed(f"the model read {restored} bytes of a {entry.blob_length}-byte state")
-    native.set_tokens(entry.tokens[:start[1]])
-    model.model.context.n_past = start[1]
-    _, answer = run_prompt(model, prompt[start[0]:], reset=False, tokens=SELF_TEST_TOKENS, n_batch=settings.n_batch)
-    if answer != expected or not native.layout_holds():
-        raise SelfTestFailed(f"a restored context answered {answer}, a full evaluation {expected}")
-    if second_tokens == first_tokens or (second_size - first_size) * (second_tokens - first_tokens) <= 0:
-        raise SelfTestFailed("the state's size does not grow with the context")
-    per_token = (second_size - first_size) // (second_tokens - first_tokens)
-    return fingerprint, StateSize(first_size - per_token * first_tokens, per_token), facts
+            os.close(fd)
+        if restored != entry.blob_length:
+            raise SelfTestFailed(f"the model read {restored} bytes of a {entry.blob_length}-byte state")
+        native.set_tokens(entry.tokens[:start[1]])
+        self.model.model.context.n_past = start[1]
+        _, answer = self.run(prompt[start[0]:], reset=False, tokens=SELF_TEST_TOKENS)
+        if answer != expected or not native.layout_holds():
+            raise SelfTestFailed(f"a restored context answered {answer}, a full evaluation {expected}")
+        if second_tokens == first_tokens or (second_size - first_size) * (second_tokens - first_tokens) <= 0:
+            raise SelfTestFailed("the state's size does not grow with the context")
+        per_token = (second_size - first_size) // (second_tokens - first_tokens)
+        return fingerprint, StateSize(first_size - per_token * first_tokens, per_token), facts
 
 
 def prepare_reuse(model: Any, settings: Settings, template: ChatTemplate, entries: bool) -> ReuseSetup:
-    """Learn the markers; with entries (saved and restored across processes), run the self-test.
-    Entries wanted and off: one log line says why."""
+    """Learn the markers and check the tokenizer; with entries (saved and restored across
+    processes), run the self-test. What is off says why, in one log line."""
     setup = learn_and_test(model, settings, template, entries)
-    if entries and setup.fingerprint is None:
+    if not setup.marker_ids:
+        log.warning("prompts are evaluated whole (no reuse of evaluated turns): %s", setup.entries_off)
+    elif entries and setup.fingerprint is None:
         log.warning("prompt cache: saved contexts are off: %s", setup.entries_off)
     return setup
 
@@ -150,22 +188,34 @@ def prepare_reuse(model: Any, settings: Settings, template: ChatTemplate, entrie
 def learn_and_test(model: Any, settings: Settings, template: ChatTemplate, entries: bool) -> ReuseSetup:
     if not template.turn_start:
         return ReuseSetup(entries_off=f"the {template.name} template has no special token that begins a turn")
-    marker_ids = learn_marker_ids(model, template, settings)
-    if not marker_ids:
-        return ReuseSetup(entries_off="no turn marker is a special token of this model")
-    if not entries:
-        return ReuseSetup(marker_ids)
-    if settings.device != "cpu":
-        return ReuseSetup(marker_ids, entries_off=f"device = {settings.device}: saved contexts are restored on the cpu only")
-    started = time.monotonic()
     threads = model.model.thread_count()
     model.model.set_thread_count(1)  # beside a generation, one thread slows it least (none waits for another)
+    started = time.monotonic()
     try:
-        fingerprint, state_size, facts = self_test(model, NativeContext(model), settings, template, marker_ids)
-    except (NativeUnavailable, SelfTestFailed, InvalidEntry, OSError) as error:
-        return ReuseSetup(marker_ids, entries_off=f"the self-test failed: {error}")
+        native = NativeContext(model)
+        found, bos = learn_markers(model, template, settings)
+        if not found:
+            return ReuseSetup(entries_off="no turn marker is a special token of this model")
+        sentinel = next(iter(found.items()))
+        setup = ReuseSetup(frozenset(found.values()), sentinel, bos, native=native)
+        test = SelfTest(model, native, settings, template, setup)
+        test.check_tokenizer()
+    except (NativeUnavailable, SelfTestFailed) as error:
+        return ReuseSetup(entries_off=str(error))
+    finally:
+        model.model.set_thread_count(threads)
+    if not entries:
+        return setup
+    if settings.device != "cpu":
+        return dataclasses.replace(setup, entries_off=f"device = {settings.device}: saved contexts are restored "
+                                                      "on the cpu only")
+    model.model.set_thread_count(1)
+    try:
+        fingerprint, state_size, facts = test.saved_and_restored()
+    except (SelfTestFailed, InvalidEntry, OSError) as error:
+        return dataclasses.replace(setup, entries_off=f"the self-test failed: {error}")
     finally:
         model.model.set_thread_count(threads)
     log.info("prompt cache: self-test passed in %.2f s (a restored context answers as a full evaluation; "
              "%d bytes of state per token)", time.monotonic() - started, state_size.per_token)
-    return ReuseSetup(marker_ids, fingerprint, state_size, facts)
+    return dataclasses.replace(setup, fingerprint=fingerprint, state_size=state_size, state_facts=facts)

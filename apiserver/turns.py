@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Collection, Iterable, List, Sequence, Tuple
+from typing import Callable, Collection, Iterable, List, Optional, Sequence, Tuple
 
 HASH_BYTES = 16  # blake2b digest size: a prefix's name in the watchdog's cache
+MIN_BATCH = 3  # the smallest batch llama.cpp computes as it computes large ones
 
 Mark = Tuple[int, int]  # (offset in the text, tokens in the context up to there)
 
@@ -61,21 +62,47 @@ class Evaluated:
         return Evaluated(self.text[:marks[-1][0]] if marks else "", marks)
 
     def extended(self, prompt: str, offsets: Sequence[int], start: Mark, evaluated_ids: Sequence[int],
-                 marker_ids: Collection[int], complete: bool) -> "Evaluated":
+                 marker_ids: Collection[int], complete: bool, lead: int = 0) -> "Evaluated":
         """This context once prompt (boundaries: offsets) was evaluated from start: the marks up to
         start, and those the evaluated ids show, each marker token being the next boundary of the
-        text. Ids cut short (complete False: the generation stopped inside its prompt) give the
-        marks they reach; ids that do not match the text give none beyond start."""
+        text (lead: ids evaluated before the text, a BOS). Ids cut short (complete False: the
+        generation stopped inside its prompt) give the marks they reach; ids that do not match the
+        text give none beyond start."""
         kept = self.up_to(start[0]).marks if start[1] else ()
         ahead = [offset for offset in offsets if offset >= start[0]]
-        positions = [index for index, token in enumerate(evaluated_ids) if token in marker_ids]
-        misplaced = bool(ahead) and ahead[0] == start[0] and (not positions or positions[0] != 0)
+        positions = [index for index, token in enumerate(evaluated_ids) if token in marker_ids and index >= lead]
+        misplaced = bool(ahead) and ahead[0] == start[0] and (not positions or positions[0] != lead)
         if misplaced or len(positions) > len(ahead) or (complete and len(positions) != len(ahead)):
             return Evaluated(prompt[:kept[-1][0]] if kept else "", kept)
         found = tuple((offset, start[1] + position) for offset, position in zip(ahead, positions)
                       if offset > start[0])
         marks = kept + found
         return Evaluated(prompt[:marks[-1][0]] if marks else "", marks)
+
+
+def batch_size(count: int, limit: int) -> int:
+    """The largest batch size up to limit that evaluates count tokens in batches of MIN_BATCH or
+    more (count itself below MIN_BATCH: nothing helps, and every evaluation of it does the same)."""
+    if count <= limit:
+        return limit
+    return next((size for size in range(limit, MIN_BATCH - 1, -1) if count % size == 0 or count % size >= MIN_BATCH),
+                limit)
+
+
+class PromptTokenizer:
+    """A text's ids as gpt4all evaluates them after its context's last token (gpt4all's own
+    tokenizer, tokenize: text -> ids, special tokens parsed). The text is tokenized after a
+    sentinel special token whose id is known, so that whatever the tokenizer would put first (a BOS
+    when the last prompt began from an empty context) is cut off with it; bos is the id the model
+    puts first when a prompt does begin from an empty context (None: it puts nothing)."""
+
+    def __init__(self, tokenize: Callable[[str], List[int]], sentinel: str, sentinel_id: int, bos: Optional[int]):
+        self.tokenize, self.sentinel, self.sentinel_id, self.bos = tokenize, sentinel, sentinel_id, bos
+
+    def ids(self, text: str, from_empty: bool) -> List[int]:
+        ids = self.tokenize(self.sentinel + text)
+        first = ids.index(self.sentinel_id) + 1 if self.sentinel_id in ids else len(ids)
+        return ([self.bos] if from_empty and self.bos is not None else []) + ids[first:]
 
 
 def prefix_hashes(text: str, offsets: Iterable[int]) -> List[bytes]:

@@ -298,30 +298,32 @@ def bench_restart(workdir: Path, rounds: int) -> dict:
     return bench_watchdog(workdir, rounds, {name: WATCHDOG_MODES[name] for name in TARGET_PAIR})
 
 
-def compare_to_keep_loaded(seconds: dict, blocks_per_round: int) -> dict:
+def compare_to_keep_loaded(seconds: dict, blocks_per_round: int, baseline: str = "keep_loaded") -> dict:
     """seconds[mode][block][prompt]: latencies, the blocks in the order they ran, blocks_per_round
     of them for each round of fresh watchdogs; block i of every mode ran in the same pass. Per
-    mode: each prompt's median, and those medians minus keep_loaded's, averaged over the prompts
-    (in ms): over all blocks, round by round, and pass by pass (with the mean and standard error
-    of those)."""
-    def minus_keep_loaded(name: str, blocks: range) -> float:
+    mode: each prompt's median, and those medians minus the baseline mode's (keep_loaded unless
+    said), averaged over the prompts (in ms): over all blocks, round by round, and pass by pass
+    (with the mean and standard error of those)."""
+    prompts = range(len(next(iter(seconds.values()))[0]))
+
+    def minus_baseline(name: str, blocks: range) -> float:
         def by_prompt(mode: str) -> list:
             return [median([value for index in blocks for value in seconds[mode][index][prompt]])
-                    for prompt in range(len(PROMPTS))]
-        return statistics.mean((mine - keep) * 1000 for mine, keep in zip(by_prompt(name), by_prompt("keep_loaded")))
+                    for prompt in prompts]
+        return statistics.mean((mine - base) * 1000 for mine, base in zip(by_prompt(name), by_prompt(baseline)))
 
-    count = len(seconds["keep_loaded"])
+    count = len(seconds[baseline])
     everything = range(count)
     rounds = [range(start, start + blocks_per_round) for start in range(0, count, blocks_per_round)]
     results = {}
     for name in seconds:
-        passes = [minus_keep_loaded(name, range(index, index + 1)) for index in everything]
+        passes = [minus_baseline(name, range(index, index + 1)) for index in everything]
         results[name] = {
             "median_s_per_prompt": [round(median([value for block in seconds[name] for value in block[prompt]]), 4)
-                                    for prompt in range(len(PROMPTS))],
-            "minus_keep_loaded_ms": minus_keep_loaded(name, everything),
-            "minus_keep_loaded_ms_by_round": [round(minus_keep_loaded(name, blocks), 1) for blocks in rounds],
-            "minus_keep_loaded_ms_pass_by_pass": {
+                                    for prompt in prompts],
+            f"minus_{baseline}_ms": minus_baseline(name, everything),
+            f"minus_{baseline}_ms_by_round": [round(minus_baseline(name, blocks), 1) for blocks in rounds],
+            f"minus_{baseline}_ms_pass_by_pass": {
                 "mean": round(statistics.mean(passes), 1),
                 "standard_error": round(statistics.stdev(passes) / len(passes) ** 0.5, 1) if len(passes) > 1 else None,
                 "passes": len(passes)},

@@ -12,7 +12,10 @@ evaluated (context.n_past) and keeps their ids (tokens): reset_context=False con
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
+import struct
 import threading
 import time
 import types
@@ -114,3 +117,60 @@ class FakeModel:
             if not callback(token_id, piece):
                 break
         return answer
+
+
+# --------------------------------------------------------------------------------------------
+# A stand-in for kv_state.NativeContext on a FakeModel, and the states it saves.
+# --------------------------------------------------------------------------------------------
+
+VOCAB, CELL_BYTES, CELLS = 10, 96, 20
+
+
+def state_bytes(cells: int = CELLS, kv_size: int = 64, v_trans: int = 1, cell: bytes = b"") -> bytes:
+    """A state shaped as llama.cpp writes one (rng, outputs, logits, embeddings, KV, cells)."""
+    rng = b"1 2 3 4 5"
+    data = struct.pack("<Q", len(rng)) + rng + struct.pack("<Qi", 1, 0)
+    data += struct.pack("<Q", VOCAB) + bytes(4 * VOCAB) + struct.pack("<Q", 0)
+    data += struct.pack("<QIIII", CELL_BYTES * cells, cells, kv_size, cells, v_trans) + os.urandom(CELL_BYTES * cells)
+    return data + b"".join(cell or struct.pack("<iQi", position, 1, 0) for position in range(cells))
+
+
+
+KV_HEAD_AT = len(state_bytes(cells=0)) - 24 + 8  # the KV header (24 bytes) ends an empty state; kv_head is its 2nd field
+
+
+class FakeNative:
+    """kv_state.NativeContext on a FakeModel: the token list is the fake's, the tokenizer
+    fake_tokens, a state is state_bytes() with a cell per token (its size grows with the context)."""
+
+    layout = True  # what layout_holds() answers
+    misread = 0  # bytes restore_state reads wrong
+
+    def __init__(self, model: "FakeModel"):
+        self.model = model
+        self.restored: List[int] = []
+
+    def layout_holds(self) -> bool:
+        return self.layout
+
+    def tokenize(self, text: str) -> List[int]:
+        return fake_tokens(text)
+
+    def tokens(self) -> List[int]:
+        return list(self.model.model.tokens)
+
+    def set_tokens(self, ids: Sequence[int]) -> None:
+        self.model.model.tokens[:] = ids
+
+    def state_size_bound(self) -> int:
+        return 1 << 22
+
+    def save_state(self, address: int) -> int:
+        blob = state_bytes(cells=max(1, len(self.model.model.tokens)), kv_size=2048)
+        ctypes.memmove(address, blob, len(blob))
+        return len(blob)
+
+    def restore_state(self, address: int) -> int:
+        cells = ctypes.c_uint32.from_address(address + KV_HEAD_AT).value
+        self.restored.append(cells)
+        return len(state_bytes(cells=cells, kv_size=2048)) - self.misread

@@ -13,18 +13,9 @@ import pytest
 from apiserver.cache_entry import (InvalidEntry, StateSize, memory_file, open_state, read_header, state_facts,
                                    state_shape, write_entry)
 from apiserver.turns import Evaluated
+from fake_model import CELL_BYTES, VOCAB, state_bytes
 
 FINGERPRINT = {"gpt4all": "2.8.2", "model": "abc", "n_ctx": 64, "state_bound": 1 << 20}
-VOCAB, CELL_BYTES, CELLS = 10, 96, 20
-
-
-def state_bytes(cells: int = CELLS, kv_size: int = 64, v_trans: int = 1, cell: bytes = b"") -> bytes:
-    """A state shaped as llama.cpp writes one (rng, outputs, logits, embeddings, KV, cells)."""
-    rng = b"1 2 3 4 5"
-    data = struct.pack("<Q", len(rng)) + rng + struct.pack("<Qi", 1, 0)
-    data += struct.pack("<Q", VOCAB) + bytes(4 * VOCAB) + struct.pack("<Q", 0)
-    data += struct.pack("<QIIII", CELL_BYTES * cells, cells, kv_size, cells, v_trans) + os.urandom(CELL_BYTES * cells)
-    return data + b"".join(cell or struct.pack("<iQi", position, 1, 0) for position in range(cells))
 
 
 def saver(blob: bytes):

@@ -7,6 +7,9 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 
+import pytest
+
+from apiserver import reuse_setup
 from apiserver.api import dispatch
 from apiserver.engine import ModelRunner
 from apiserver.model import TEMPLATES
@@ -14,10 +17,15 @@ from apiserver.pages import populate, probe_written_pages
 from apiserver.prefix import evaluate_prefix, pre_warm, prefix_text
 from apiserver.reuse_setup import prepare_reuse
 from apiserver.turns import Evaluated
-from fake_model import FakeModel, fake_tokens
+from fake_model import FakeModel, FakeNative, fake_tokens
 from unit_helpers import chatml, json_body, make_app, make_request
 
 SYSTEM = "You are a pirate who answers in rhymes."
+
+
+@pytest.fixture(autouse=True)
+def fake_native(monkeypatch):
+    monkeypatch.setattr(reuse_setup, "NativeContext", FakeNative)
 
 
 def app_with_prefix(settings, system_prompt: str = SYSTEM, cache: bool = True, prompt_cache: bool = True):
@@ -29,7 +37,7 @@ def app_with_prefix(settings, system_prompt: str = SYSTEM, cache: bool = True, p
     reuse = prepare_reuse(model, settings, template, entries=False)
     assert reuse.marker_ids == {151644}
     app.runner = ModelRunner(model, settings, template, heartbeat=lambda: None,
-                             prefix=evaluate_prefix(model, settings, template), reuse=reuse)
+                             prefix=evaluate_prefix(model, settings, template, reuse.tokenizer()), reuse=reuse)
     model.calls.clear()
     return app, model
 
@@ -59,7 +67,7 @@ def test_the_prefix_is_the_system_turn_where_a_special_token_follows():
 def test_a_request_with_the_configured_system_prompt_evaluates_only_the_rest(settings):
     app, model = app_with_prefix(settings)
     prefix = configured(app)
-    assert app.runner.evaluated == prefix and prefix.n_past > 0
+    assert app.runner.context.evaluated == prefix and prefix.n_past > 0
     document = chat(app, SYSTEM)
     call = model.calls[-1]
     assert call["reset_context"] is False and call["prompt"] == chatml("Hi", SYSTEM)[len(prefix.text):]
@@ -74,11 +82,11 @@ def test_another_persona_overwrites_the_prefix_and_the_next_prompt_with_it_bring
     app, model = app_with_prefix(settings, prompt_cache=False)
     chat(app, "You are terse.")
     assert model.calls[-1]["reset_context"] is True and model.calls[-1]["prompt"] == chatml("Hi", "You are terse.")
-    assert app.runner.evaluated == Evaluated(), "prompt_cache = false keeps the configured turn alone"
+    assert app.runner.context.evaluated == Evaluated(), "prompt_cache = false keeps the configured turn alone"
     document = chat(app, SYSTEM)
     assert model.calls[-1]["reset_context"] is True and model.calls[-1]["prompt"] == chatml("Hi", SYSTEM)
     assert document["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    assert app.runner.evaluated == configured(app), "evaluated as part of that prompt, the turn is kept again"
+    assert app.runner.context.evaluated == configured(app), "evaluated as part of that prompt, the turn is kept again"
     document = chat(app, SYSTEM, "Again")
     assert model.calls[-1]["reset_context"] is False
     assert document["usage"]["prompt_tokens_details"]["cached_tokens"] == configured(app).n_past
@@ -92,14 +100,15 @@ def test_the_seed_route_uses_the_prefix_for_its_default_persona(settings):
 
 def test_off_means_every_request_evaluates_its_whole_prompt(settings):
     app, model = app_with_prefix(settings, cache=False, prompt_cache=False)
-    assert app.runner.evaluated == Evaluated()
+    assert app.runner.context.evaluated == Evaluated()
     chat(app, SYSTEM)
     assert model.calls[-1]["reset_context"] is True and model.calls[-1]["prompt"] == chatml("Hi", SYSTEM)
 
 
 def test_the_pre_warm_evaluates_after_the_prefix_and_goes_back_to_it(settings):
     app, model = app_with_prefix(settings)
-    pre_warm(model, app.settings, app.runner.template, evaluate_prefix(model, app.settings, app.runner.template))
+    pre_warm(model, app.settings, app.runner.template,
+             evaluate_prefix(model, app.settings, app.runner.template, app.runner.context.tokenizer))
     call = model.calls[-1]
     assert call["reset_context"] is False and call["max_tokens"] == 1
     assert model.model.context.n_past == configured(app).n_past

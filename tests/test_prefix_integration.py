@@ -70,11 +70,12 @@ CASES = [("openai, the configured persona", lambda p: chat(p, PERSONA), True),
 @pytest.fixture
 def on_and_off(start):
     # The zygote's memory in huge pages (huge_pages.py) is on with the prefix and off without it:
-    # neither may change an answer.
+    # neither may change an answer. The prompt cache (tests/test_prompt_cache_integration.py) is off
+    # on both sides: what is reused here is the configured system prompt's turn alone.
     on = start("watchdog.py", {**SETTINGS, "model": {**SETTINGS["model"], "system_prompt_cache": "true",
-                                                     "huge_pages": "true"}})
+                                                     "prompt_cache": "false", "huge_pages": "true"}})
     off = start("watchdog.py", {**SETTINGS, "model": {**SETTINGS["model"], "system_prompt_cache": "false",
-                                                      "huge_pages": "false"}})
+                                                      "prompt_cache": "false", "huge_pages": "false"}})
     for process in (on, off):
         process.wait_ready()
         process.wait_for_spare()

@@ -21,52 +21,15 @@ from apiserver.prompt_cache import RestoreFailed
 from apiserver.protocol import MSG_CACHE_BAD, MSG_CACHE_ENTRY, MSG_CACHE_PENDING, MSG_CACHE_USED
 from apiserver.reuse_setup import ReuseSetup, prepare_reuse
 from apiserver.turns import Evaluated, prefix_hashes, turn_offsets
-from fake_model import FakeModel, fake_tokens
-from test_cache_entry import state_bytes
+from fake_model import FakeModel, FakeNative, fake_tokens, state_bytes
 from unit_helpers import chatml, make_app
 
 CHATML = TEMPLATES["chatml"]
-KV_HEAD_AT = len(state_bytes(cells=0)) - 24 + 8  # the KV header (24 bytes) ends the empty state; kv_head follows its size
-
-
-class FakeNative:
-    """kv_state.NativeContext on a FakeModel: the token list is the fake's, a state is state_bytes()
-    with a cell per token (so that its size grows with the context)."""
-
-    layout = True  # what layout_holds() answers
-    misread = 0  # bytes restore_state reads wrong
-
-    def __init__(self, model: FakeModel):
-        self.model = model
-        self.restored: List[int] = []
-
-    def layout_holds(self) -> bool:
-        return self.layout
-
-    def tokens(self) -> List[int]:
-        return list(self.model.model.tokens)
-
-    def set_tokens(self, ids) -> None:
-        self.model.model.tokens[:] = ids
-
-    def state_size_bound(self) -> int:
-        return 1 << 22
-
-    def save_state(self, address: int) -> int:
-        blob = state_bytes(cells=max(1, len(self.model.model.tokens)), kv_size=2048)
-        ctypes.memmove(address, blob, len(blob))
-        return len(blob)
-
-    def restore_state(self, address: int) -> int:
-        cells = ctypes.c_uint32.from_address(address + KV_HEAD_AT).value
-        self.restored.append(cells)
-        return len(state_bytes(cells=cells, kv_size=2048)) - self.misread
 
 
 @pytest.fixture
 def fake_native(monkeypatch):
     monkeypatch.setattr(reuse_setup, "NativeContext", FakeNative)
-    monkeypatch.setattr("apiserver.prompt_cache.NativeContext", FakeNative)
     FakeNative.layout, FakeNative.misread = True, 0
     return FakeNative
 
@@ -86,7 +49,7 @@ def test_the_self_test_passes_and_learns_the_state_size(fake_native, model_setti
     assert setup.fingerprint["n_ctx"] == model_settings.n_ctx and setup.fingerprint["markers"] == [151644]
 
 
-@pytest.mark.parametrize("fault", ["answer", "misread", "layout", "native"])
+@pytest.mark.parametrize("fault", ["answer", "misread", "layout"])
 def test_a_failed_self_test_turns_saved_contexts_off_with_one_log_line(fake_native, model_settings, monkeypatch,
                                                                        caplog, fault):
     model = FakeModel()
@@ -99,18 +62,36 @@ def test_a_failed_self_test_turns_saved_contexts_off_with_one_log_line(fake_nati
         monkeypatch.setattr(FakeNative, "restore_state", restore_and_answer_otherwise)
     elif fault == "misread":
         FakeNative.misread = 4
-    elif fault == "layout":
-        FakeNative.layout = False
     else:
-        def unavailable(model):
-            raise NativeUnavailable("libstdc++'s operator new is not reachable")
-        monkeypatch.setattr(reuse_setup, "NativeContext", unavailable)
+        FakeNative.layout = False
     with caplog.at_level(logging.WARNING, logger="gpt4all_api"):
         setup = prepare_reuse(model, model_settings, CHATML, entries=True)
     assert setup.fingerprint is None and setup.entries_off.startswith("the self-test failed")
     assert setup.marker_ids == {151644}, "reuse inside a process needs only the markers"
     lines = [record.getMessage() for record in caplog.records if "prompt cache" in record.getMessage()]
     assert len(lines) == 1 and "saved contexts are off" in lines[0], lines
+
+
+@pytest.mark.parametrize("fault", ["native", "tokenizer"])
+def test_without_gpt4all_s_own_tokenizer_nothing_is_reused(fake_native, model_settings, monkeypatch, caplog, fault):
+    """Prompts are cut, and batch sizes chosen, on the tokenizer's word: without it (or when its ids
+    are not what an evaluation shows) every prompt is evaluated whole, as before the cache."""
+    if fault == "native":
+        def unavailable(model):
+            raise NativeUnavailable("gpt4all's tokenizer is not reachable")
+        monkeypatch.setattr(reuse_setup, "NativeContext", unavailable)
+    else:
+        monkeypatch.setattr(FakeNative, "tokenize", lambda self, text: fake_tokens(text)[:-1])
+    with caplog.at_level(logging.WARNING, logger="gpt4all_api"):
+        setup = prepare_reuse(FakeModel(), model_settings, CHATML, entries=True)
+    assert setup.marker_ids == frozenset() and setup.tokenizer() is None
+    assert "prompts are evaluated whole" in caplog.text and "tokenizer" in caplog.text
+    model = FakeModel()
+    app = make_app(model_settings)
+    app.runner = ModelRunner(model, app.settings, CHATML, heartbeat=lambda: None, reuse=setup)
+    app.runner.complete(FIRST, app_params(app), client_alive=lambda: True)
+    app.runner.complete(FIRST, app_params(app), client_alive=lambda: True)
+    assert model.calls[-1]["reset_context"] is True and model.calls[-1]["n_batch"] == model_settings.n_batch
 
 
 def test_no_markers_no_reuse(model_settings):
@@ -163,8 +144,9 @@ def saved_entry(setup: ReuseSetup, prompt: str, tokens: int = 0) -> Tuple[int, E
 
 def test_a_fresh_worker_goes_on_from_an_entry_and_says_it_was_sound(model_settings, fake_native):
     app, model, link = runner_with_cache(model_settings, fake_native)
-    fd, evaluated = saved_entry(app.runner.reuse, FIRST)
-    offsets = [offset for offset in turn_offsets(SECOND, CHATML.turn_start) if 0 < offset < len(SECOND)]
+    fd, evaluated = saved_entry(app.runner.context.reuse, FIRST)
+    offsets = [offset for offset in app.runner.context.cut_points(SECOND, turn_offsets(SECOND, CHATML.turn_start)) if offset]
+    assert len(offsets) == 1, "the system turn; the assistant's opening leaves fewer than MIN_BATCH tokens"
     link.found = (7, 0, fd)  # the entry holds the first boundary: the system turn
     completion = app.runner.complete(SECOND, app_params(app), client_alive=lambda: True)
     call = model.calls[-1]
@@ -179,8 +161,8 @@ def test_a_fresh_worker_goes_on_from_an_entry_and_says_it_was_sound(model_settin
 def test_an_entry_that_fails_its_checks_is_reported_and_the_whole_prompt_evaluated(model_settings, fake_native,
                                                                                   caplog):
     app, model, link = runner_with_cache(model_settings, fake_native)
-    fd, _ = saved_entry(app.runner.reuse, FIRST)
-    entry = read_header(fd, app.runner.reuse.fingerprint)
+    fd, _ = saved_entry(app.runner.context.reuse, FIRST)
+    entry = read_header(fd, app.runner.context.reuse.fingerprint)
     byte = os.pread(fd, 1, entry.blob_offset + 40)
     os.pwrite(fd, bytes([byte[0] ^ 1]), entry.blob_offset + 40)
     link.found = (3, 0, fd)
@@ -193,12 +175,12 @@ def test_an_entry_that_fails_its_checks_is_reported_and_the_whole_prompt_evaluat
 
 def test_a_state_the_model_misreads_means_a_context_from_zero(model_settings, fake_native):
     app, model, link = runner_with_cache(model_settings, fake_native)
-    fd, _ = saved_entry(app.runner.reuse, FIRST)
+    fd, _ = saved_entry(app.runner.context.reuse, FIRST)
     link.found = (5, 0, fd)
     FakeNative.misread = 8
     with pytest.raises(RestoreFailed):
-        app.runner.cache.restore_longest(SECOND, turn_offsets(SECOND, CHATML.turn_start), 0)
-    link.found = (5, 0, saved_entry(app.runner.reuse, FIRST)[0])
+        app.runner.context.cache.restore_longest(SECOND, turn_offsets(SECOND, CHATML.turn_start), 0)
+    link.found = (5, 0, saved_entry(app.runner.context.reuse, FIRST)[0])
     completion = app.runner.complete(SECOND, app_params(app), client_alive=lambda: True)
     assert model.calls[-1]["reset_context"] is True and completion.cached_tokens == 0
     assert [kind for kind, _, _ in link.sent].count(MSG_CACHE_BAD) == 2
@@ -209,13 +191,13 @@ def test_the_last_generation_announces_its_entry_and_the_exit_saves_it(model_set
     app.runner.exit_after_this()
     app.runner.complete(FIRST, app_params(app), client_alive=lambda: True)
     pending = [payload for kind, payload, _ in link.sent if kind == MSG_CACHE_PENDING]
-    evaluated = app.runner.evaluated
+    evaluated = app.runner.context.evaluated
     names = b"".join(prefix_hashes(FIRST, [offset for offset, _ in evaluated.marks]))
     assert pending == [names] and evaluated.text == FIRST[:evaluated.marks[-1][0]]
     app.runner.save_context()
     kind, payload, fd = link.sent[-1]
     assert kind == MSG_CACHE_ENTRY and payload == names
-    entry = read_header(fd, app.runner.reuse.fingerprint)
+    entry = read_header(fd, app.runner.context.reuse.fingerprint)
     assert entry.evaluated == evaluated and list(entry.tokens) == fake_tokens(FIRST)[:evaluated.n_past]
     os.close(fd)
 
@@ -248,3 +230,18 @@ def app_params(app):
     return GenerationParams(max_tokens=4, temperature=0.0, top_k=settings.top_k, top_p=settings.top_p,
                             min_p=settings.min_p, repeat_penalty=settings.repeat_penalty,
                             repeat_last_n=settings.repeat_last_n)
+
+
+def test_every_prompt_is_evaluated_in_batches_of_three_tokens_or_more(model_settings, fake_native):
+    """A prompt (or the rest of one) whose last batch would hold one or two tokens is evaluated in a
+    smaller batch size that leaves none: llama.cpp computes such small batches otherwise."""
+    app, model, link = runner_with_cache(model_settings, fake_native)
+    sizes = set()
+    for words in range(120, 140):
+        prompt = chatml(" ".join(["word"] * words), "Be brief.")
+        app.runner.complete(prompt, app_params(app), client_alive=lambda: True)
+        call = model.calls[-1]
+        count = len(fake_tokens(call["prompt"]))
+        assert count < 3 or (count % call["n_batch"] or call["n_batch"]) >= 3, (count, call["n_batch"])
+        sizes.add(call["n_batch"])
+    assert sizes - {model_settings.n_batch}, "some counts needed another batch size"

@@ -256,9 +256,9 @@ def test_every_fault_is_answered_by_evaluating_the_whole_prompt(two_workers):
     assert "Traceback" not in server_log(process) and "Traceback" not in watchdog_log(process)
 
 
-def test_saved_contexts_off_still_answer_every_request(start):
-    """A setup the cache cannot serve (here llama3's turn markers, which are not special tokens of
-    the default model) turns saved contexts off with one log line; every request is answered."""
+def test_no_reuse_still_answers_every_request(start):
+    """A setup whose prompts cannot be cut (here llama3's turn markers, which are not special tokens
+    of the default model) turns all reuse off with one log line; every request is answered."""
     process = start("watchdog.py", {**SETTINGS, "model": {**SETTINGS["model"], "chat_template": "llama3"}})
     process.wait_ready(180)
     process.wait_for_spare(180)
@@ -269,5 +269,5 @@ def test_saved_contexts_off_still_answer_every_request(start):
         assert status == 200, answer
         assert json.loads(answer)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert not memory_files(process), "nothing saved"
-    off = [line for line in server_log(process).splitlines() if "saved contexts are off" in line]
+    off = [line for line in server_log(process).splitlines() if "prompts are evaluated whole" in line]
     assert off and all("no turn marker is a special token" in line for line in off), off

@@ -1,12 +1,13 @@
 """Turn boundaries (apiserver/turns.py): where a prompt may be cut, where a new prompt starts on a
-context, the boundaries read from the evaluated token ids, and the names of prefixes."""
+context, the boundaries read from the evaluated token ids, the names of prefixes, the batch sizes
+that never leave a batch of one or two tokens, and the prompt tokenizer."""
 
 from __future__ import annotations
 
 import hashlib
 
 from apiserver.model import TEMPLATES
-from apiserver.turns import HASH_BYTES, Evaluated, prefix_hashes, turn_offsets
+from apiserver.turns import HASH_BYTES, MIN_BATCH, Evaluated, PromptTokenizer, batch_size, prefix_hashes, turn_offsets
 from fake_model import SPECIAL_TOKENS, fake_tokens
 
 CHATML = TEMPLATES["chatml"]
@@ -107,3 +108,29 @@ def test_prefix_names_are_the_hashes_of_each_prefix():
     names = prefix_hashes(text, offsets)
     assert names == [hashlib.blake2b(text[:offset].encode(), digest_size=HASH_BYTES).digest() for offset in offsets]
     assert prefix_hashes(text + "tail", offsets) == names, "a prefix's name depends on the prefix alone"
+
+
+def test_batch_sizes_never_leave_a_batch_of_one_or_two_tokens():
+    for count in range(1, 1200):
+        size = batch_size(count, 128)
+        assert MIN_BATCH <= size <= 128
+        last = count % size or size
+        assert count < MIN_BATCH or last >= MIN_BATCH, (count, size)
+    assert batch_size(100, 128) == 128 and batch_size(256, 128) == 128, "the configured size wherever it is safe"
+    assert batch_size(129, 128) != 128 and batch_size(130, 128) != 128
+
+
+def test_the_prompt_tokenizer_cuts_off_what_the_tokenizer_puts_first():
+    with_bos = PromptTokenizer(lambda text: [1] + fake_tokens(text), "<|im_start|>", 151644, bos=1)
+    text = "<|im_start|>user\nHi there<|im_end|>\n"
+    assert with_bos.ids(text, from_empty=False) == fake_tokens(text)
+    assert with_bos.ids(text, from_empty=True) == [1] + fake_tokens(text)
+    plain = PromptTokenizer(fake_tokens, "<|im_start|>", 151644, bos=None)
+    assert plain.ids("just words", from_empty=True) == fake_tokens("just words")
+
+
+def test_a_bos_before_the_prompt_is_not_a_boundary():
+    prompt = chat("Hi")
+    with_bos = Evaluated().extended(prompt, turn_offsets(prompt, MARKERS), (0, 0), [1] + fake_tokens(prompt),
+                                    MARKER_IDS, True, lead=1)
+    assert [n_past for _, n_past in with_bos.marks] == [n_past + 1 for _, n_past in evaluated(prompt).marks]
