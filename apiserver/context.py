@@ -57,19 +57,22 @@ class ModelContext:
         return usable
 
     def batch_for(self, text: str, from_empty: bool) -> int:
-        """The batch size that evaluates text in batches of MIN_BATCH tokens or more."""
-        if self.tokenizer is None:
+        """The batch size that evaluates text in batches of MIN_BATCH tokens or more. A text of no
+        more bytes than a batch holds fewer tokens: one batch, nothing to count."""
+        if self.tokenizer is None or len(text.encode("utf-8")) + 2 <= self.settings.n_batch:
             return self.settings.n_batch
         return batch_size(len(self.tokenizer.ids(text, from_empty)), self.settings.n_batch)
 
     def start_for(self, prompt: str, offsets: Sequence[int]) -> Mark:
         """Where prompt starts: the longest usable boundary the context holds, or a longer one
         restored from the cache; the context is set back (n_past) to it. (0, 0): from empty."""
+        # The lookup goes out first: the watchdog answers while the prompt's tail is tokenized.
+        lookup = self.cache.ask(prompt, offsets, self.evaluated.start_for(prompt, offsets)[0]) if self.cache else None
         usable = self.cut_points(prompt, offsets)
         start = self.evaluated.start_for(prompt, usable)
-        if self.cache is not None:
+        if self.cache is not None and lookup is not None:
             try:
-                restored = self.cache.restore_longest(prompt, usable, start[0])
+                restored = self.cache.restore(lookup, prompt, usable)
             except RestoreFailed as error:
                 log.warning("prompt cache: %s; the whole prompt is evaluated", error)
                 self.evaluated = Evaluated()

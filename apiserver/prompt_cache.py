@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, List, NamedTuple, Optional, Sequence
 
 from apiserver.cache_entry import InvalidEntry, memory_file, open_state, read_header, write_entry
 from apiserver.kv_state import NativeContext
@@ -26,6 +26,11 @@ from apiserver.turns import Evaluated, PromptTokenizer, prefix_hashes
 log = logging.getLogger("gpt4all_api")
 
 LOOKUP_TIMEOUT = 5.0  # seconds: the watchdog waits up to cache_store.PENDING_WAIT for an announced entry
+
+
+class Lookup(NamedTuple):
+    number: int  # the link's number for it
+    offsets: List[int]  # the boundaries whose names were sent, in order
 
 
 class RestoreFailed(Exception):
@@ -48,24 +53,32 @@ class PromptCache:
         self.saves = False  # this worker exits after its current request: it saves its context then
         self.announced = False
 
-    def restore_longest(self, prompt: str, offsets: Sequence[int], local: int) -> Optional[Evaluated]:
-        """The context of the entry holding the longest prefix of prompt that ends at one of its
-        boundaries (offsets) beyond local (the offset this process could start from): restored,
-        n_past set, its marks up to there returned. None: nothing better, keep the context as it is.
-        RestoreFailed: the context is now undefined."""
-        usable = [offset for offset in offsets if 0 < offset < len(prompt)]
-        beyond = [index for index, offset in enumerate(usable) if offset > local]
+    def ask(self, prompt: str, offsets: Sequence[int], local: int) -> Optional[Lookup]:
+        """Ask the watchdog which entry holds the longest prefix of prompt ending at one of its
+        boundaries (offsets) beyond local (where this process could start); restore() takes the
+        answer, so that the caller works meanwhile. None: nothing to ask."""
+        positive = [offset for offset in offsets if 0 < offset < len(prompt)]
+        beyond = [index for index, offset in enumerate(positive) if offset > local]
         if not beyond:
             return None
-        names = prefix_hashes(prompt, usable)
-        found = self.link.find_cache_entry(b"".join(names[beyond[0]:]), LOOKUP_TIMEOUT)
+        names = prefix_hashes(prompt, positive)
+        return Lookup(self.link.ask_cache(b"".join(names[beyond[0]:])), positive[beyond[0]:])
+
+    def restore(self, lookup: Lookup, prompt: str, usable: Collection[int]) -> Optional[Evaluated]:
+        """The answer's entry, checked and restored if it holds a usable boundary (one leaving
+        enough tokens to evaluate): n_past set, its marks up to there returned. None: nothing
+        better, keep the context as it is. RestoreFailed: the context is now undefined."""
+        found = self.link.cache_answer(lookup.number, LOOKUP_TIMEOUT)
         if found is None:
             return None
         number, index, fd = found
+        offset = lookup.offsets[index] if index < len(lookup.offsets) else -1
+        if offset not in usable:
+            os.close(fd)
+            return None
         started = time.monotonic()
         try:
             entry = read_header(fd, self.setup.fingerprint)
-            offset = usable[beyond[0] + index] if index < len(beyond) else -1
             n_past = dict(entry.evaluated.marks).get(offset)
             if n_past is None or not prompt.startswith(entry.evaluated.text[:offset]):
                 raise InvalidEntry("it does not hold the prefix it was found for")

@@ -208,26 +208,31 @@ class WatchdogLink:
         except OSError:
             pass  # the watchdog is gone (the reader thread exits the process), or a message too big
 
-    def find_cache_entry(self, names: bytes, timeout: float) -> Optional[Tuple[int, int, int]]:
-        """Ask which entry holds the longest of these prefixes: (entry, index of its name, its
-        memory file, ours to close), or None (none, or no answer in time). Answers to an earlier
-        lookup that timed out are recognised by their number and thrown away."""
+    def ask_cache(self, names: bytes) -> int:
+        """Ask which entry holds the longest of these prefixes (the answer comes while the caller
+        goes on: cache_answer); returns the lookup's number."""
         with self.query_lock:
             self.lookups += 1
             number = self.lookups
-            self.send(MSG_CACHE_LOOKUP, number.to_bytes(4, "big") + names)
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    payload, fds = self.cache_answers.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    return None
-                words = payload.split()
-                if words[:1] == [str(number).encode()] and len(words) == 3 and len(fds) == 1:
-                    return int(words[1]), int(words[2]), fds[0]
-                close_all(fds)
-                if words[:1] == [str(number).encode()]:
-                    return None
+        self.send(MSG_CACHE_LOOKUP, number.to_bytes(4, "big") + names)
+        return number
+
+    def cache_answer(self, number: int, timeout: float) -> Optional[Tuple[int, int, int]]:
+        """The answer to lookup number: (entry, index of its name, its memory file, ours to close),
+        or None (none, or no answer in time). Answers to an earlier lookup that timed out are
+        recognised by their number and thrown away."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                payload, fds = self.cache_answers.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            words = payload.split()
+            if words[:1] == [str(number).encode()] and len(words) == 3 and len(fds) == 1:
+                return int(words[1]), int(words[2]), fds[0]
+            close_all(fds)
+            if words[:1] == [str(number).encode()]:
+                return None
 
     def acquire_slot(self, still_wanted: Callable[[], bool]) -> int:
         """Wait for a generation slot; return how many generations run on the box with ours, or 0

@@ -239,6 +239,21 @@ def wait_until_quiet(window: float = 0.3, limit: float = 20.0) -> None:
             return
 
 
+def run_pass(names: list, shuffles: random.Random, seconds: dict, ask) -> None:
+    """One pass: each mode (the order shuffled) takes its turn for one block, once the machine is
+    quiet: one request not counted, then each prompt once, back to back. ask(name, prompt) returns
+    the seconds it took, or None when it failed; seconds[name] gets the block {prompt: [seconds]}."""
+    shuffles.shuffle(names)
+    for name in names:
+        block: dict = {prompt: [] for prompt in range(len(PROMPTS))}
+        seconds[name].append(block)
+        wait_until_quiet()
+        for index in range(-1, len(PROMPTS)):
+            elapsed = ask(name, PROMPTS[max(index, 0)])
+            if index >= 0 and elapsed is not None:
+                block[index].append(elapsed)
+
+
 def bench_watchdog(workdir: Path, rounds: int, modes: Optional[dict] = None) -> dict:
     """Every mode's watchdog (WATCHDOG_MODES, or the modes given) runs at once, started afresh for
     each round. A round is PASSES passes; in a pass each watchdog takes its turn (the order
@@ -263,22 +278,16 @@ def bench_watchdog(workdir: Path, rounds: int, modes: Optional[dict] = None) -> 
     for round_index in range(rounds):
         with contextlib.ExitStack() as stack:
             watchdogs = watchdogs_past_learning(stack, workdir / f"round-{round_index}", modes)
+            def ask(name: str, prompt: str) -> Optional[float]:
+                started = time.monotonic()
+                try:
+                    pids[name].add(post_generate(watchdogs[name].base_url, prompt)[3])
+                except (OSError, http.client.HTTPException, RuntimeError):
+                    errors[name] += 1
+                    return None
+                return time.monotonic() - started
             for _ in range(PASSES):
-                order = list(modes)
-                shuffles.shuffle(order)
-                for name in order:
-                    block = {prompt: [] for prompt in range(len(PROMPTS))}
-                    seconds[name].append(block)
-                    wait_until_quiet()
-                    for index in range(-1, len(PROMPTS)):
-                        started = time.monotonic()
-                        try:
-                            pids[name].add(post_generate(watchdogs[name].base_url, PROMPTS[max(index, 0)])[3])
-                        except (OSError, http.client.HTTPException, RuntimeError):
-                            errors[name] += 1
-                            continue
-                        if index >= 0:
-                            block[index].append(time.monotonic() - started)
+                run_pass(list(modes), shuffles, seconds, ask)
             if round_index == rounds - 1:
                 idle_cpu = idle_cpu_fractions({name: watchdog.popen.pid for name, watchdog in watchdogs.items()},
                                               10.0)

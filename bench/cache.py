@@ -39,8 +39,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench import (LEARN_FROM, MAX_TOKENS, PASSES, PERSONA, PROMPTS, RawModel, compare_to_keep_loaded,  # noqa: E402
-                   median, running_watchdog, wait_until_quiet, watchdogs_past_learning)
+from bench import (LEARN_FROM, MAX_TOKENS, PASSES, PERSONA, RawModel, compare_to_keep_loaded,  # noqa: E402
+                   median, run_pass, running_watchdog, wait_until_quiet, watchdogs_past_learning)
 from apiserver.model import TEMPLATES  # noqa: E402
 from apiserver.settings import load_settings  # noqa: E402
 from conftest import Process, free_port, request, write_config  # noqa: E402
@@ -195,22 +195,16 @@ def bench_miss(workdir: Path, rounds: int) -> dict:
     then each prompt once, back to back, every request with a persona of its own. Compared prompt
     by prompt as bench.py compares the watchdog modes, prompt_cache_off the baseline."""
     seconds: Dict[str, list] = {name: [] for name in MISS_MODES}
-    shuffles, serial = random.Random(17), 0
+    serials = {name: 0 for name in MISS_MODES}  # the same personas, in the same order, on both sides
+    shuffles = random.Random(17)
     for round_index in range(rounds):
         with contextlib.ExitStack() as stack:
             watchdogs = watchdogs_past_learning(stack, workdir / f"miss-{round_index}", MISS_MODES)
+            def ask(name: str, prompt: str) -> float:
+                serials[name] += 1
+                return unmatched(watchdogs[name].base_url, prompt, serials[name])
             for _ in range(PASSES):
-                order = list(MISS_MODES)
-                shuffles.shuffle(order)
-                for name in order:
-                    block: Dict[int, List[float]] = {prompt: [] for prompt in range(len(PROMPTS))}
-                    seconds[name].append(block)
-                    wait_until_quiet()
-                    for index in range(-1, len(PROMPTS)):
-                        serial += 1
-                        elapsed = unmatched(watchdogs[name].base_url, PROMPTS[max(index, 0)], serial)
-                        if index >= 0:
-                            block[index].append(elapsed)
+                run_pass(list(MISS_MODES), shuffles, seconds, ask)
             metrics = request(watchdogs["prompt_cache_on"].base_url, "GET", "/metrics")[2].decode()
     results = compare_to_keep_loaded(seconds, PASSES, baseline="prompt_cache_off")
     results["prompt_cache_on"]["entries_at_the_end"] = next(

@@ -107,8 +107,12 @@ class FakeLink:
         self.found: Optional[Tuple[int, int, int]] = None
         self.asked: List[bytes] = []
 
-    def find_cache_entry(self, names: bytes, timeout: float):
+    def ask_cache(self, names: bytes) -> int:
         self.asked.append(names)
+        return len(self.asked)
+
+    def cache_answer(self, number: int, timeout: float):
+        assert number == len(self.asked)
         found, self.found = self.found, None
         return found
 
@@ -145,8 +149,9 @@ def saved_entry(setup: ReuseSetup, prompt: str, tokens: int = 0) -> Tuple[int, E
 def test_a_fresh_worker_goes_on_from_an_entry_and_says_it_was_sound(model_settings, fake_native):
     app, model, link = runner_with_cache(model_settings, fake_native)
     fd, evaluated = saved_entry(app.runner.context.reuse, FIRST)
-    offsets = [offset for offset in app.runner.context.cut_points(SECOND, turn_offsets(SECOND, CHATML.turn_start)) if offset]
-    assert len(offsets) == 1, "the system turn; the assistant's opening leaves fewer than MIN_BATCH tokens"
+    offsets = [offset for offset in turn_offsets(SECOND, CHATML.turn_start) if offset]
+    assert len(app.runner.context.cut_points(SECOND, offsets)) == 1, \
+        "the system turn; the assistant's opening leaves fewer than MIN_BATCH tokens (of the fake tokenizer)"
     link.found = (7, 0, fd)  # the entry holds the first boundary: the system turn
     completion = app.runner.complete(SECOND, app_params(app), client_alive=lambda: True)
     call = model.calls[-1]
@@ -156,6 +161,11 @@ def test_a_fresh_worker_goes_on_from_an_entry_and_says_it_was_sound(model_settin
     assert link.asked == [b"".join(prefix_hashes(SECOND, offsets))], "every boundary beyond what the process holds"
     assert (MSG_CACHE_USED, b"7", -1) in link.sent
     assert model.model.tokens[:system_turn[1]] == fake_tokens(SECOND)[:system_turn[1]], "the token list restored"
+    app, model, link = runner_with_cache(model_settings, fake_native)
+    link.found = (8, 1, saved_entry(app.runner.context.reuse, SECOND)[0])
+    completion = app.runner.complete(SECOND, app_params(app), client_alive=lambda: True)
+    assert len(link.asked) == 1 and completion.cached_tokens == 0 and model.calls[-1]["reset_context"] is True
+    assert (MSG_CACHE_BAD, b"8", -1) not in link.sent, "an entry found for a boundary leaving too few tokens is left alone"
 
 
 def test_an_entry_that_fails_its_checks_is_reported_and_the_whole_prompt_evaluated(model_settings, fake_native,
@@ -178,8 +188,9 @@ def test_a_state_the_model_misreads_means_a_context_from_zero(model_settings, fa
     fd, _ = saved_entry(app.runner.context.reuse, FIRST)
     link.found = (5, 0, fd)
     FakeNative.misread = 8
+    cache, offsets = app.runner.context.cache, turn_offsets(SECOND, CHATML.turn_start)
     with pytest.raises(RestoreFailed):
-        app.runner.context.cache.restore_longest(SECOND, turn_offsets(SECOND, CHATML.turn_start), 0)
+        cache.restore(cache.ask(SECOND, offsets, 0), SECOND, offsets)
     link.found = (5, 0, saved_entry(app.runner.context.reuse, FIRST)[0])
     completion = app.runner.complete(SECOND, app_params(app), client_alive=lambda: True)
     assert model.calls[-1]["reset_context"] is True and completion.cached_tokens == 0
