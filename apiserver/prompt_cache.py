@@ -75,6 +75,7 @@ class PromptCache:
         offset = lookup.offsets[index] if index < len(lookup.offsets) else -1
         if offset not in usable:
             os.close(fd)
+            self.link.send(MSG_CACHE_USED, b"%d" % number)  # not restored: not to blame for what follows
             return None
         started = time.monotonic()
         try:
