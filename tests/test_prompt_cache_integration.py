@@ -1,7 +1,7 @@
 """The prompt cache with the real model through real watchdogs in their default mode (a fresh worker
 per request, forked from the zygote): a Home Assistant-like sequence and a chat of five turns answer
 byte for byte as with prompt_cache = false, with cached_tokens where a prefix was reused and nowhere
-else; the OpenAI, Ollama and original routes share one cache; and every fault (an entry damaged,
+else; the OpenAI, Ollama, original and raw-completion routes share one cache; and every fault (an entry damaged,
 truncated or made by another setup, no memory for a save, a worker killed around its save, saved
 contexts off) is answered by evaluating the whole prompt, with workers = 2."""
 
@@ -129,6 +129,13 @@ def test_the_openai_ollama_and_original_routes_share_the_cache(on_and_off):
     assert documents[0]["response"] == documents[1]["response"]
     assert documents[0]["usage"]["prompt_tokens_details"]["cached_tokens"] > 100, "the persona's turn was reused"
     assert documents[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    # A raw prompt (/v1/completions) is cut at the same markers: the same system turn, written out.
+    raw = {"prompt": f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nName a library.<|im_end|>\n"
+                     "<|im_start|>assistant\n", "temperature": 0, "max_tokens": MAX_TOKENS}
+    replies = both(on, off, lambda p: request(p.base_url, "POST", "/v1/completions", raw, timeout=300))
+    documents = [json.loads(answer) for status, _, answer in replies]
+    assert documents[0]["choices"][0]["text"] == documents[1]["choices"][0]["text"]
+    assert documents[0]["usage"]["prompt_tokens_details"]["cached_tokens"] > 100, "a raw prompt's system turn too"
 
 
 # -- faults, with workers = 2 ---------------------------------------------------------------------
