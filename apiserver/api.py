@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from apiserver.engine import (ClientGone, Closer, Completion, EngineError, GenerationParams, ModelRunner,
+from apiserver.engine import (ClientGone, Constraint, Completion, EngineError, GenerationParams, ModelRunner,
                               PromptNotUnicode, PromptTooLong, QueueFull)
 from apiserver.settings import Settings
 
@@ -183,12 +183,12 @@ class App:
 
     def complete(self, request: Request, prompt: str, params: GenerationParams,
                  on_text: Optional[Callable[[str], None]] = None, logged_prompt: Optional[str] = None,
-                 closer: Optional[Closer] = None) -> Completion:
+                 constraint: Optional[Constraint] = None) -> Completion:
         """One generation for this request: admitted (it counts towards the restart), run, logged."""
         try:
             completion = self.require_runner().complete(prompt, params, request.client_alive, on_text=on_text,
                                                         on_admitted=lambda: self.admit_generation(request),
-                                                        closer=closer)
+                                                        constraint=constraint)
         except EngineError as error:
             raise engine_error(error) from None
         request.completion = completion

@@ -6,7 +6,7 @@ tool choice or JSON mode), Answer (the answer checked: calls parsed, JSON valida
 (one generation, with the fallback for a model that repeats a call already answered) and
 StreamedAnswer (the text of one answer on its way to a stream). The wire protocols (openai_api,
 ollama_api) only read their fields into build_chat and frame its answers.
-Imports settings, engine, api, tool_formats and json_output.
+Imports settings, engine, api, tool_formats, json_output and constraints.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from apiserver.api import ApiError, App, Request, TokenBatcher
-from apiserver.engine import Completion, GenerationParams
-from apiserver.json_output import InvalidJsonOutput, JsonCloser, check_json_answer, prefill_for, schema_instruction
+from apiserver.constraints import JsonAnswer, ToolCalls
+from apiserver.engine import Completion, Constraint, GenerationParams
+from apiserver.json_output import InvalidJsonOutput, check_json_answer, prefill_for, schema_instruction
 from apiserver.tool_formats import (CallHoldBack, ToolCall, answered_calls, call_key, fold_tool_exchanges,
                                     parse_tool_calls, tool_format_for, unsent_text)
 
@@ -31,18 +32,26 @@ class ChatRequest:
     params: GenerationParams
     prefill: str = ""  # the answer's opening, written by us (a tool_choice, JSON mode)
     tool_names: Tuple[str, ...] = ()  # the offered functions, when calls are to be read from the answer
+    tools: Tuple[Dict[str, Any], ...] = ()  # their definitions: a call's arguments follow its parameters
+    arguments_key: str = "arguments"  # where the tool format writes a call's arguments
     parallel_tool_calls: bool = True
     json_mode: bool = False
     json_schema: Optional[Dict[str, Any]] = None
     answered: frozenset = frozenset()  # calls already answered in this turn (tool_formats.call_key)
     fallback_prompt: str = ""  # the conversation without tools, for a model that repeats such a call
 
-    def closer(self) -> Optional[JsonCloser]:
-        return JsonCloser() if self.json_mode else None
+    def constraint(self) -> Optional[Constraint]:
+        """What the answer is held to while it is generated: JSON (with its schema), or the calls'
+        names and arguments while tools are offered."""
+        if self.json_mode:
+            return JsonAnswer(self.json_schema, self.prefill)
+        if self.tool_names:
+            return ToolCalls(self.tools, self.arguments_key, self.prefill)
+        return None
 
     def without_tools(self) -> "ChatRequest":
         """The request answered in text from the results (the fallback for a repeated call)."""
-        return dataclasses.replace(self, prompt=self.fallback_prompt, prefill="", tool_names=())
+        return dataclasses.replace(self, prompt=self.fallback_prompt, prefill="", tool_names=(), tools=())
 
 
 def with_system_note(messages: List[Dict[str, str]], note: str, default_system: str) -> List[Dict[str, str]]:
@@ -77,8 +86,10 @@ def build_chat(app: App, messages: Sequence[Dict[str, Any]], params: GenerationP
         if folded[0]["role"] != "system":
             folded.insert(0, {"role": "system", "content": tool_format.default_system or app.settings.system_prompt})
         fallback = template.render(folded)
-    names = tuple(tool["function"]["name"] for tool in tools) if choice != "none" else ()
-    return ChatRequest(prompt + prefill, params, prefill=prefill, tool_names=names,
+    offered = tuple(tools) if choice != "none" else ()
+    names = tuple(tool["function"]["name"] for tool in offered)
+    return ChatRequest(prompt + prefill, params, prefill=prefill, tool_names=names, tools=offered,
+                       arguments_key=tool_format.arguments_key,
                        parallel_tool_calls=parallel_tool_calls, json_mode=json_mode, json_schema=json_schema,
                        answered=answered, fallback_prompt=fallback)
 
@@ -92,14 +103,15 @@ class Answer:
         self.finish = "length" if completion.finish_reason == "timeout" else completion.finish_reason
         self.calls: List[ToolCall] = []
         if chat.json_mode:
-            if completion.finish_reason != "stop":
-                raise ApiError(500, f"the JSON answer was cut ({completion.finish_reason}); raise the token limit",
-                               "invalid_json_output", "max_tokens")
-            try:
-                check_json_answer(self.text, chat.json_schema)
-            except InvalidJsonOutput as error:
-                raise ApiError(500, f"{error}; the model did not produce the JSON asked for, retry or rephrase",
-                               "invalid_json_output") from None
+            # Cut by the token limit or the client's stop string, the JSON is as far as it got (as
+            # OpenAI answers); complete, it follows its schema by construction.
+            if completion.finish_reason == "stop" and completion.constrained_complete:
+                try:
+                    check_json_answer(self.text, chat.json_schema)
+                except InvalidJsonOutput as error:
+                    log.error("a constrained JSON answer failed its final check (a bug): %s", error)
+                    raise ApiError(500, f"{error}; this should not happen, please report it",
+                                   "invalid_json_output") from None
         elif chat.tool_names:
             content, calls = parse_tool_calls(self.text, chat.tool_names)
             if calls:
@@ -117,7 +129,7 @@ def answer_once(app: App, request: Request, chat: ChatRequest, on_text: Optional
                 on_retry: Callable[[], None] = lambda: None) -> Answer:
     """One answer; a model that repeats a call already answered in this turn (small models do,
     instead of reading the results) answers again from the results written as text, without tools."""
-    answer = Answer(chat, app.complete(request, chat.prompt, chat.params, on_text=on_text, closer=chat.closer()))
+    answer = Answer(chat, app.complete(request, chat.prompt, chat.params, on_text=on_text, constraint=chat.constraint()))
     if answer.repeats_answered_calls:
         log.info("the model repeated %s, already answered: answering from the results without tools",
                  ", ".join(call.name for call in answer.calls))

@@ -1,10 +1,10 @@
-"""JSON output without a grammar: the answer is prefilled with "{", cut where the first JSON value
-closes, then checked.
+"""JSON output: what the system message asks for, the answer's opening written by the server, the
+schemas accepted, and the final check of an answer generated under constraints.JsonAnswer.
 
-Owns JsonCloser (finds where a JSON object closes, a piece at a time, strings and escapes
-included), the system instruction that carries a JSON schema, and check_json_answer (parses, and
-with a schema checks the top-level type and required keys: not a full schema validation). Imports
-only the standard library.
+Owns schema_instruction, prefill_for (an object's "{", and its first required key, which small
+models otherwise often leave out), check_schema (refuses up front what no answer could follow) and
+check_json_answer (the answer parses and follows its schema: true by construction, so a failure is
+a bug). Imports json_grammar.
 """
 
 from __future__ import annotations
@@ -12,44 +12,29 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Optional
 
+from apiserver.json_grammar import Checker, follows
+from apiserver.json_schema import SchemaError
+
 PREFILL = "{"
 
 
-class JsonCloser:
-    """Fed the generated text after the prefilled "{", returns the index just past the brace that
-    closes the object (counted in the generated text), or None while it is still open."""
-
-    def __init__(self) -> None:
-        self.depth = 1  # the prefilled brace
-        self.in_string = False
-        self.escaped = False
-        self.seen = 0
-
-    def feed(self, piece: str) -> Optional[int]:
-        for offset, char in enumerate(piece):
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif char == "\\":
-                    self.escaped = True
-                elif char == '"':
-                    self.in_string = False
-            elif char == '"':
-                self.in_string = True
-            elif char in "{[":
-                self.depth += 1
-            elif char in "}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    return self.seen + offset + 1
-        self.seen += len(piece)
-        return None
+def object_root(schema: Optional[Dict[str, Any]]) -> bool:
+    """Whether the answer is an object: JSON mode without a schema, or a schema whose root is one."""
+    if schema is None:
+        return True
+    if any(keyword in schema for keyword in ("anyOf", "oneOf", "allOf", "$ref", "const", "enum")):
+        return False
+    declared = schema.get("type")
+    return declared == "object" or (declared is None and ("properties" in schema or "required" in schema))
 
 
 def schema_instruction(schema: Optional[Dict[str, Any]]) -> str:
     """What the system message says in JSON mode."""
     if schema is None:
         return "Answer with one JSON object and nothing else."
+    if not object_root(schema):
+        return ("Answer with one JSON value and nothing else. It must follow this JSON schema:\n"
+                + json.dumps(schema, ensure_ascii=False))
     keys = schema.get("required") or list(schema.get("properties", {}))
     listing = f" with the keys {', '.join(keys)}" if keys else ""
     return (f"Answer with one JSON object{listing} and nothing else. It must follow this JSON schema:\n"
@@ -57,21 +42,30 @@ def schema_instruction(schema: Optional[Dict[str, Any]]) -> str:
 
 
 def prefill_for(schema: Optional[Dict[str, Any]]) -> str:
-    """The answer's opening: "{", and with a schema its first required key, which small models
-    otherwise often leave out."""
+    """The answer's opening: "{" for an object, and with a schema its first required key; nothing
+    for another root (the constraint opens it)."""
+    if not object_root(schema):
+        return ""
     keys = (schema or {}).get("required") or []
-    if keys and isinstance(keys[0], str) and (schema or {}).get("type", "object") == "object":
+    if keys and isinstance(keys[0], str):
         return "{" + json.dumps(keys[0], ensure_ascii=False) + ": "
     return PREFILL
 
 
 def check_schema(schema: Dict[str, Any]) -> Optional[str]:
-    """What is wrong with the parts of a JSON schema this server uses (required, properties), if anything."""
+    """What is wrong with a JSON schema, if anything: the shape of the keywords this server follows,
+    references that resolve, and at least one value that satisfies it."""
     required = schema.get("required", [])
     if not isinstance(required, list) or not all(isinstance(key, str) for key in required):
         return "'required' must be a list of strings"
     if not isinstance(schema.get("properties", {}), dict):
         return "'properties' must be an object"
+    try:
+        Checker(schema).closing()
+    except SchemaError as error:
+        return str(error)
+    except RecursionError:
+        return "the schema requires itself without end"
     return None
 
 
@@ -80,20 +74,11 @@ class InvalidJsonOutput(ValueError):
 
 
 def check_json_answer(text: str, schema: Optional[Dict[str, Any]]) -> Any:
-    """The parsed answer; InvalidJsonOutput when it does not parse, is not an object where the schema
-    wants one, or lacks a required top-level key."""
+    """The parsed answer; InvalidJsonOutput when it does not parse or does not follow the schema."""
     try:
         document = json.loads(text)
     except (ValueError, RecursionError) as error:
         raise InvalidJsonOutput(f"the model's answer is not valid JSON ({error})") from None
-    if schema is None:
-        if not isinstance(document, dict):
-            raise InvalidJsonOutput("the model's answer is not a JSON object")
-        return document
-    if schema.get("type", "object") == "object":
-        if not isinstance(document, dict):
-            raise InvalidJsonOutput("the model's answer is not a JSON object")
-        missing = [key for key in schema.get("required", []) if key not in document]
-        if missing:
-            raise InvalidJsonOutput(f"the model's answer lacks the required keys {missing}")
+    if not follows(text, schema if schema is not None else {"type": "object"}):
+        raise InvalidJsonOutput("the model's answer does not follow the schema")
     return document

@@ -4,10 +4,13 @@ ModelRunner calls model.model.prompt_model(..., special=True), which lands in ge
 Like the real one, generate() feeds the prompt through model._prompt_callback (one call per token:
 fake_tokens() splits at ChatML's special tokens first, then at whitespace), then hands the scripted
 answer pieces to callback(token_id, piece) until it returns False or max_tokens pieces are out, and
-returns the text handed out. A prompt larger than n_ctx tokens gets gpt4all's error text through
+returns the text handed out (answers, when given, scripts one list of pieces per call instead: a
+model that goes on after a correction). A prompt larger than n_ctx tokens gets gpt4all's error text through
 callback(-1, ...) instead, and that text is returned. A prompt that is not encodable as UTF-8
 raises UnicodeEncodeError, as gpt4all's prompt.encode() does. Its context counts the prompt tokens
-evaluated (context.n_past) and keeps their ids (tokens): reset_context=False continues from n_past.
+evaluated and the answer tokens handed out (context.n_past) and keeps their ids (tokens):
+reset_context=False continues from n_past. Answer pieces pass through _callback_decoder as bytes, as
+gpt4all's do.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ class FakeLLModel:
     def _prompt_callback(token_id: int) -> bool:
         return True
 
+    @staticmethod
+    def _callback_decoder(callback: Callable[[int, str], bool]) -> Callable[[int, bytes], bool]:
+        return lambda token_id, data: callback(token_id, data.decode("utf-8"))
+
     def prompt_model(self, prompt: str, prompt_template: str, callback: Callable[[int, str], bool],
                      n_predict: int = 4096, top_k: int = 40, top_p: float = 0.9, min_p: float = 0.0,
                      temp: float = 0.1, n_batch: int = 8, repeat_penalty: float = 1.2, repeat_last_n: int = 10,
@@ -68,19 +75,26 @@ class FakeLLModel:
             self.context.n_past = 0
         del self.tokens[self.context.n_past:]
         self.special = special
+        raw = self._callback_decoder(callback)
+        answered: List[int] = []
+
+        def push_then_call(token_id: int, piece: str) -> bool:
+            answered.append(token_id)
+            return raw(token_id, piece.encode("utf-8"))
         self.owner.generate(prompt, max_tokens=n_predict, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, n_batch=n_batch,
-                            callback=callback, reset_context=reset_context)
-        self.context.n_past += len(fake_tokens(prompt))
-        self.tokens += fake_tokens(prompt)
+                            callback=push_then_call, reset_context=reset_context)
+        self.context.n_past += len(fake_tokens(prompt)) + len(answered)
+        self.tokens += fake_tokens(prompt) + answered
 
 
 class FakeModel:
     def __init__(self, pieces: Sequence[str] = ("Hello", " world"), n_ctx: int = 2048,
                  delay: float = 0.0, gate: Optional[threading.Event] = None,
-                 error: Optional[BaseException] = None):
+                 error: Optional[BaseException] = None, answers: Optional[Sequence[Sequence[str]]] = None):
         self.model = FakeLLModel(self)
         self.pieces = list(pieces)
+        self.answers = [list(answer) for answer in answers] if answers is not None else None
         self.n_ctx = n_ctx
         self.delay = delay  # seconds before each answer piece
         self.gate = gate  # when given, generate() waits for it before answering
@@ -109,7 +123,8 @@ class FakeModel:
             if not self.model._prompt_callback(token_id):
                 return ""
         answer = ""
-        for piece in self.pieces[:max_tokens]:
+        pieces = self.answers.pop(0) if self.answers else ([] if self.answers is not None else self.pieces)
+        for piece in pieces[:max_tokens]:
             token_id = (fake_tokens(piece) or [1000])[0]
             if self.delay:
                 time.sleep(self.delay)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import time
 
 
@@ -180,13 +182,13 @@ def test_a_streamed_tool_call_is_held_back_and_sent_as_one_delta(settings):
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls" and events[-1] == "[DONE]"
 
 
-def test_a_call_of_a_function_not_offered_is_plain_text(settings):
-    app = make_app(settings, FakeModel(pieces=['{"name": "launch", "arguments": {}}']))
+def test_a_call_of_a_function_not_offered_is_corrected_to_an_offered_one(settings):
+    answers = [['{"name": "launch", "arguments": {}}'], [', "arguments": {"city": "Rome"}}']]
+    app = make_app(settings, FakeModel(answers=answers))
     choice = json_body(dispatch(app, chat_request(tools=[WEATHER])))["choices"][0]
-    assert choice["finish_reason"] == "stop" and choice["message"]["content"] == '{"name": "launch", "arguments": {}}'
-    events = sse_events(dispatch(app, chat_request(tools=[WEATHER], stream=True)))
-    text = "".join(event["choices"][0]["delta"].get("content") or "" for event in events[:-1])
-    assert text == '{"name": "launch", "arguments": {}}'
+    assert choice["finish_reason"] == "tool_calls"
+    call = choice["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Rome"}
 
 
 def test_a_named_tool_choice_prefills_the_call(settings):
@@ -214,16 +216,16 @@ def test_a_repeated_answered_call_is_answered_from_the_results_in_text(settings)
     assert choice["finish_reason"] == "stop" and not choice["message"].get("tool_calls")
 
 
-def test_json_mode_prefills_stops_at_the_closing_brace_and_refuses_broken_json(settings):
+def test_json_mode_prefills_stops_at_the_closing_brace_and_corrects_broken_json(settings):
     model = FakeModel(pieces=['"a": 1', "} trailing", " words"])
     app = make_app(settings, model)
     reply = dispatch(app, chat_request(response_format={"type": "json_object"}))
     assert json_body(reply)["choices"][0]["message"]["content"] == '{"a": 1}'
     assert model.calls[0]["prompt"].endswith("<|im_start|>assistant\n{")
     assert "Answer with one JSON object" in model.calls[0]["prompt"]
-    broken = dispatch(make_app(settings, FakeModel(pieces=['"a": ', "oops}"])), chat_request(
+    corrected = dispatch(make_app(settings, FakeModel(answers=[['"a": ', "oops}"], ['oops"}']])), chat_request(
         response_format={"type": "json_object"}))
-    assert broken.status == 500 and json_body(broken)["error"]["code"] == "invalid_json_output"
+    assert json_body(corrected)["choices"][0]["message"]["content"] == '{"a": "oops"}'
 
 
 def test_n_choices_are_generated_one_after_another_and_usage_sums_them(settings):

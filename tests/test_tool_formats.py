@@ -9,7 +9,8 @@ from typing import Any, Dict, List
 import jinja2
 import pytest
 
-from apiserver.json_output import JsonCloser, check_json_answer, InvalidJsonOutput
+from apiserver.constraints import JsonAnswer
+from apiserver.json_output import check_json_answer, InvalidJsonOutput
 from apiserver.model import TEMPLATES, ensure_model_file, read_gguf_metadata
 from apiserver.settings import load_settings
 from apiserver.tool_formats import (FORMATS, QWEN_DEFAULT_SYSTEM, ToolCall, call_start, parse_tool_calls,
@@ -150,11 +151,11 @@ def test_call_start_holds_back_what_may_begin_a_call():
     assert call_start("Code: ``") == len("Code: ")
 
 
-def test_json_closer_finds_the_end_of_the_object_across_pieces_and_strings():
-    closer = JsonCloser()  # after the prefilled "{"
-    assert closer.feed('"a": "}{\\"", "b": [1, {') is None
-    assert closer.feed('"c": 2}]') is None
-    assert closer.feed('} and more') == len('"a": "}{\\"", "b": [1, {') + len('"c": 2}]') + 1
+def test_json_answer_ends_where_the_object_closes_across_pieces_and_strings():
+    answer = JsonAnswer(None, "{")  # after the prefilled "{"
+    assert answer.feed('"a": "}{\\"", "b": [1, {') == len('"a": "}{\\"", "b": [1, {')
+    assert answer.feed('"c": 2}]') == len('"c": 2}]')
+    assert answer.feed('} and more') == 1 and answer.complete
 
 
 def test_check_json_answer_with_and_without_a_schema():
@@ -164,5 +165,5 @@ def test_check_json_answer_with_and_without_a_schema():
             check_json_answer(bad, None)
     schema = {"type": "object", "required": ["name", "age"]}
     assert check_json_answer('{"name": "x", "age": 3}', schema)["age"] == 3
-    with pytest.raises(InvalidJsonOutput, match="required keys"):
+    with pytest.raises(InvalidJsonOutput, match="does not follow"):
         check_json_answer('{"name": "x"}', schema)
