@@ -4,7 +4,7 @@ and LangChain's ChatOpenAI, against `python gpt4all_api.py` on a free port."""
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List
+from typing import Any, List
 
 import openai
 import pytest
@@ -98,27 +98,6 @@ def test_langchain_without_a_model_name_binds_tools_and_runs_a_two_step_loop(ser
                                     tool_call_id=first.tool_calls[0]["id"])]
     second = with_tools.invoke(messages)
     assert not second.tool_calls and "18" in second.content, second
-
-
-JSON_PROMPTS = ["List three colors.", "Describe a person with a name and an age.", "Tell me about Paris.",
-                "Give a recipe with its ingredients.", "Two numbers and their sum."]
-
-
-@pytest.mark.parametrize("prompt", JSON_PROMPTS)
-def test_json_mode_answers_parse(client, prompt):
-    response = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": prompt}],
-                                              response_format={"type": "json_object"}, temperature=0, max_tokens=200)
-    assert isinstance(json.loads(response.choices[0].message.content), dict)
-
-
-def test_json_schema_puts_the_required_keys_in_the_answer(client):
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-              "required": ["name", "age"]}
-    response = client.chat.completions.create(
-        model="gpt-4o", messages=[{"role": "user", "content": "Invent a person."}], temperature=0, max_tokens=100,
-        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
-    document: Dict[str, Any] = json.loads(response.choices[0].message.content)
-    assert {"name", "age"} <= set(document), document
 
 
 def test_n_two_choices_a_fingerprint_and_routes_without_v1(server):
