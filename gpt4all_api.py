@@ -27,22 +27,35 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from apiserver.cpu_share import CpuShare, watch_cpu_share
 from apiserver.engine import ModelRunner
-from apiserver.huge_pages import collapse_into_huge_pages, move_weights_into_huge_pages
+from apiserver.forking import serve_fork_requests
 from apiserver.http_server import Server, serve_until_stopped
+from apiserver.huge_pages import collapse_into_huge_pages, move_weights_into_huge_pages
 from apiserver.metrics import Box, Totals, accept_queue_length, render
 from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model, warm_up
 from apiserver.model_facts import gguf_header
 from apiserver.pages import LearnedPages, Ranges, own_written_pages, populate, probe_written_pages
 from apiserver.prefix import Prefix, evaluate_prefix, pre_warm
+from apiserver.protocol import (
+    ENV_BACKGROUND,
+    ENV_CONTROL_FD,
+    ENV_LISTEN_FD,
+    ENV_SENTINEL,
+    ENV_ZYGOTE_FD,
+    ENV_ZYGOTE_SERVES,
+    EXIT_CANNOT_LOAD,
+    EXIT_OK,
+    HEARTBEAT_EVERY,
+    MSG_LOADED,
+    MSG_STOPPED_ACCEPTING,
+    Sentinel,
+    WatchdogLink,
+    set_process_name,
+)
 from apiserver.reuse_setup import ReuseSetup, prepare_reuse
-from apiserver.protocol import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, ENV_ZYGOTE_FD,
-                                ENV_ZYGOTE_SERVES, EXIT_CANNOT_LOAD, EXIT_OK, HEARTBEAT_EVERY, MSG_LOADED,
-                                MSG_STOPPED_ACCEPTING, Sentinel, WatchdogLink, set_process_name)
-from apiserver.forking import serve_fork_requests
 from apiserver.routes import build_app
 from apiserver.settings import Settings, add_address_arguments, configure_logging, load_settings
 
@@ -57,8 +70,8 @@ class Preloaded(NamedTuple):
     """What the zygote hands each worker it forks."""
     model: Any
     template: ChatTemplate
-    cpu_share: Optional[CpuShare]
-    prefix: Optional[Prefix]  # the system prompt, evaluated
+    cpu_share: CpuShare | None
+    prefix: Prefix | None  # the system prompt, evaluated
     reuse: ReuseSetup  # the turn markers' ids, and whether saved contexts can be restored
     written_pages: Ranges  # what a generation writes: copied before the worker is ready
     report_pages: bool = False  # tell the zygote, after the request, which pages this worker wrote
@@ -85,14 +98,14 @@ def saves_contexts(settings: Settings) -> bool:
 class ModelLoader(threading.Thread):
     """Loads the model (or takes the zygote's) in the background; then runner or error is set."""
 
-    def __init__(self, settings: Settings, heartbeat: Sentinel, preloaded: Optional[Preloaded], background: bool,
+    def __init__(self, settings: Settings, heartbeat: Sentinel, preloaded: Preloaded | None, background: bool,
                  worker: bool):
         super().__init__(name="model-loader", daemon=True)
         self.settings, self.heartbeat, self.preloaded, self.background = settings, heartbeat, preloaded, background
         self.worker = worker  # run by the watchdog
-        self.runner: Optional[ModelRunner] = None
-        self.error: Optional[str] = None
-        self.load_seconds: Optional[float] = None  # None: the zygote loaded it
+        self.runner: ModelRunner | None = None
+        self.error: str | None = None
+        self.load_seconds: float | None = None  # None: the zygote loaded it
 
     def run(self) -> None:
         settings = self.settings
@@ -130,7 +143,7 @@ class WorkerLife:
     and the restart policy (a worker stops accepting once restart_after_requests generations were
     admitted); the transport asks it through the Lifecycle methods."""
 
-    def __init__(self, settings: Settings, preloaded: Optional[Preloaded] = None):
+    def __init__(self, settings: Settings, preloaded: Preloaded | None = None):
         self.settings, self.preloaded = settings, preloaded
         self.worker = ENV_LISTEN_FD in os.environ  # run by the watchdog
         self.app = build_app(settings)
@@ -150,8 +163,8 @@ class WorkerLife:
         self.closed = False  # exiting: no request may begin any more
         self.lock = threading.Condition()  # notified when a request or a connection ends
         self.activated = threading.Event()
-        self.loader: Optional[ModelLoader] = None
-        self.server_socket: Optional[socket.socket] = None
+        self.loader: ModelLoader | None = None
+        self.server_socket: socket.socket | None = None
 
     # -- the restart policy and the transport's questions ----------------------------------
 
@@ -159,16 +172,17 @@ class WorkerLife:
         due = self.settings.restart_after_requests
         if self.worker and due and count >= due and not self.stop_accepting:
             self.stop_accepting = self.restart_due = True
+            assert self.link is not None and self.app.runner is not None  # a worker, generating
             self.link.send(MSG_STOPPED_ACCEPTING)  # another worker takes the socket at once
             self.app.runner.exit_after_this()
 
-    def report_request(self, report: Dict[str, Any]) -> None:
+    def report_request(self, report: dict[str, Any]) -> None:
         if self.link is not None:
             self.link.report(report)
         else:
             self.totals.add(report)
 
-    def metrics_text(self) -> Optional[str]:
+    def metrics_text(self) -> str | None:
         """The box's metrics: the watchdog's (all workers, every restart), or this lone server's."""
         if self.link is not None:
             text = self.link.metrics_text()
@@ -212,10 +226,11 @@ class WorkerLife:
     def request_stop(self, signum: int, frame: Any) -> None:
         self.stop_accepting = True  # the main loop acts on it
 
-    def open_server(self) -> Optional[Server]:
+    def open_server(self) -> Server | None:
         """The watchdog's socket (and its control pipe) for a worker; our own bound socket alone."""
         if self.worker:
-            listen_socket: Optional[socket.socket] = socket.socket(fileno=int(os.environ[ENV_LISTEN_FD]))
+            listen_socket: socket.socket | None = socket.socket(fileno=int(os.environ[ENV_LISTEN_FD]))
+            assert self.link is not None  # every worker has its control channel
             self.link.on_activate = self.activated.set
             self.link.start()
         else:
@@ -233,18 +248,19 @@ class WorkerLife:
 
     def idle_tick(self) -> None:
         """Between polls: take the loaded model when it is ready, beat, keep the thread count current."""
-        app = self.app
-        if app.runner is None and not self.loader.is_alive():
-            if self.loader.error is not None:
+        app, loader = self.app, self.loader
+        assert loader is not None  # started before the serve loop
+        if app.runner is None and not loader.is_alive():
+            if loader.error is not None or loader.runner is None:
                 self.stop_accepting = True
                 return
-            app.runner = self.loader.runner
+            runner = app.runner = loader.runner
             if self.link is not None:
-                app.runner.gate = self.link
-                app.runner.attach_cache(self.link)
-                self.link.on_running = app.runner.set_running_on_box
-                if self.loader.load_seconds is not None:
-                    self.link.send(MSG_LOADED, f"{self.loader.load_seconds:.3f}".encode())
+                runner.gate = self.link
+                runner.attach_cache(self.link)
+                self.link.on_running = runner.set_running_on_box
+                if loader.load_seconds is not None:
+                    self.link.send(MSG_LOADED, f"{loader.load_seconds:.3f}".encode())
             self.sentinel.create()
             log.info("ready: model %s, pid %d", self.settings.model_id, os.getpid())
         if app.runner is not None and not app.runner.busy:
@@ -340,7 +356,7 @@ def run_zygote(settings: Settings) -> int:
                                load_seconds=load_seconds, on_pages=learned.receive)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve a GGUF model over HTTP through gpt4all.")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
     add_address_arguments(parser)

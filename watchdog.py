@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import contextlib
+import ctypes
 import dataclasses
 import enum
 import fcntl
@@ -53,18 +53,43 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Callable
 
 from apiserver.cache_store import CacheStore
 from apiserver.metrics import Box, Totals, accept_queue_length, render
-from apiserver.protocol import (BACKOFF_START, ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL,
-                                ENV_WATCHDOG_PID, ENV_ZYGOTE_FD, ENV_ZYGOTE_SERVES, EXIT_CANNOT_LOAD, MAX_FDS, MAX_MESSAGE, MSG_CANCEL,
-                                MSG_CANCELLED, MSG_DONE, MSG_FULL, MSG_GO, MSG_LOADED, MSG_METRICS, MSG_PAGES,
-                                MSG_METRICS_TEXT, MSG_REPORT, MSG_RUNNING, MSG_STOPPED_ACCEPTING, MSG_WANT_SLOT,
-                                ZYGOTE_PAGES, Backoff, control_channel, set_process_name)
-from apiserver.settings import (Settings, add_address_arguments, configure_logging, load_settings,
-                                rotating_log_handler)
+from apiserver.protocol import (
+    BACKOFF_START,
+    ENV_BACKGROUND,
+    ENV_CONTROL_FD,
+    ENV_LISTEN_FD,
+    ENV_SENTINEL,
+    ENV_WATCHDOG_PID,
+    ENV_ZYGOTE_FD,
+    ENV_ZYGOTE_SERVES,
+    EXIT_CANNOT_LOAD,
+    MAX_FDS,
+    MAX_MESSAGE,
+    MSG_CANCEL,
+    MSG_CANCELLED,
+    MSG_DONE,
+    MSG_FULL,
+    MSG_GO,
+    MSG_LOADED,
+    MSG_METRICS,
+    MSG_METRICS_TEXT,
+    MSG_PAGES,
+    MSG_REPORT,
+    MSG_RUNNING,
+    MSG_STOPPED_ACCEPTING,
+    MSG_WANT_SLOT,
+    ZYGOTE_PAGES,
+    Backoff,
+    control_channel,
+    set_process_name,
+)
+from apiserver.settings import Settings, add_address_arguments, configure_logging, load_settings, rotating_log_handler
 from apiserver.unavailable import UnavailableResponder
 
 log = logging.getLogger("watchdog")
@@ -89,7 +114,7 @@ RESTART_ONLY_SETTINGS = ("host", "port", "backlog", "state_dir")
 # --------------------------------------------------------------------------------------------
 
 
-def worker_command(settings: Settings) -> List[str]:
+def worker_command(settings: Settings) -> list[str]:
     """The worker's command line: our config, and our address (which may come from our command line)."""
     script = os.environ.get(WORKER_SCRIPT_ENV) or str(HERE / "gpt4all_api.py")
     return [sys.executable, "-u", script, "--config", str(settings.config_file), "--host", settings.host,
@@ -128,14 +153,15 @@ class WorkerProcess:
     The Supervisor uses only pid and the methods, so unit tests replace this class with a fake.
     """
 
-    def __init__(self, popen: subprocess.Popen, control: socket.socket, sentinel: Path,
+    def __init__(self, popen: subprocess.Popen | ForkedProcess, control: socket.socket, sentinel: Path,
                  selector: selectors.BaseSelector) -> None:
         self.popen = popen
         self.pid = popen.pid
-        self.control: Optional[socket.socket] = control
+        self.control: socket.socket | None = control
         self.sentinel = sentinel
         self.selector = selector
-        self.output: Optional[IO[bytes]] = popen.stdout
+        assert popen.stdout is not None, "workers are started with their output on a pipe"
+        self.output: IO[bytes] | None = popen.stdout
         os.set_blocking(popen.stdout.fileno(), False)
         selector.register(popen.stdout, selectors.EVENT_READ, self.read_output)
         control.setblocking(False)
@@ -147,8 +173,8 @@ class WorkerProcess:
         self.echo_to_log = False
 
     @classmethod
-    def spawn(cls, command: List[str], listen_fd: int, sentinel: Path,
-              selector: selectors.BaseSelector, zygote_fd: Optional[int] = None,
+    def spawn(cls, command: list[str], listen_fd: int, sentinel: Path,
+              selector: selectors.BaseSelector, zygote_fd: int | None = None,
               background: bool = False, zygote_serves: bool = False) -> WorkerProcess:
         """Start a worker (or, with zygote_fd, the zygote) in its own process group; only it gets
         its end of the control channel. A background worker loads at idle priority. Our session,
@@ -161,7 +187,7 @@ class WorkerProcess:
             env.update({ENV_LISTEN_FD: str(listen_fd), ENV_CONTROL_FD: str(theirs.fileno()),
                         ENV_SENTINEL: str(sentinel), ENV_BACKGROUND: "1" if background else "0",
                         ENV_ZYGOTE_SERVES: "1" if zygote_serves else "0"})
-            passed: Tuple[int, ...] = (listen_fd, theirs.fileno())
+            passed: tuple[int, ...] = (listen_fd, theirs.fileno())
         else:  # the zygote hands each forked worker its own fds; it needs the channel only
             command, passed = command + ["--zygote"], (zygote_fd,)
             env[ENV_ZYGOTE_FD] = str(zygote_fd)
@@ -176,10 +202,10 @@ class WorkerProcess:
             theirs.close()
         return cls(popen, ours, sentinel, selector)
 
-    def poll(self) -> Optional[int]:
+    def poll(self) -> int | None:
         return self.popen.poll()
 
-    def heartbeat(self) -> Optional[int]:
+    def heartbeat(self) -> int | None:
         """The sentinel's mtime in ns, None while it does not exist."""
         try:
             return os.stat(self.sentinel).st_mtime_ns
@@ -239,7 +265,7 @@ class WorkerProcess:
         except ProcessLookupError:
             pass
 
-    def rss_mb(self) -> Optional[float]:
+    def rss_mb(self) -> float | None:
         try:
             with open(f"/proc/{self.pid}/status", encoding="ascii", errors="replace") as status:
                 for line in status:
@@ -269,7 +295,7 @@ class WorkerProcess:
         if self.echo_to_log:
             log.warning("pid %d: %s", self.pid, line)
 
-    def last_lines(self) -> List[str]:
+    def last_lines(self) -> list[str]:
         return list(self.recent_lines)
 
     def close_output(self) -> None:
@@ -294,9 +320,9 @@ class ForkedProcess:
 
     def __init__(self, pid: int, stdout: IO[bytes], hear_zygote: Callable[[int], None]) -> None:
         self.pid, self.stdout, self.hear_zygote = pid, stdout, hear_zygote
-        self.returncode: Optional[int] = None
+        self.returncode: int | None = None
 
-    def poll(self) -> Optional[int]:
+    def poll(self) -> int | None:
         if self.returncode is None:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -338,19 +364,19 @@ class Zygote:
 
     def __init__(self, settings: Settings, listener: socket.socket, selector: selectors.BaseSelector) -> None:
         self.settings, self.listener, self.selector = settings, listener, selector
-        self.process: Optional[WorkerProcess] = None
-        self.channel: Optional[socket.socket] = None
+        self.process: WorkerProcess | None = None
+        self.channel: socket.socket | None = None
         self.ready = False
         self.starts = 0
         self.started_at = 0.0
         self.backoff = Backoff(settings.backoff_max)
-        self.load_seconds: Optional[float] = None
+        self.load_seconds: float | None = None
         # A fork asked for and not answered yet (the watchdog never waits for it: a worker's request
         # for a generation slot, arriving meanwhile, would wait as long), and one answered but not
         # yet taken by spawn().
-        self.asked: Optional[Tuple[Path, socket.socket, int, float]] = None  # sentinel, our end, output, when
-        self.forked: Optional[WorkerProcess] = None
-        self.workers: Dict[int, ForkedProcess] = {}  # forked and not yet told to have exited
+        self.asked: tuple[Path, socket.socket, int, float] | None = None  # sentinel, our end, output, when
+        self.forked: WorkerProcess | None = None
+        self.workers: dict[int, ForkedProcess] = {}  # forked and not yet told to have exited
 
     @property
     def loading(self) -> bool:
@@ -358,7 +384,8 @@ class Zygote:
         return not self.ready and (self.process is not None or self.starts == 0)
 
     def start(self, now: float) -> None:
-        self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.channel = channel
         try:
             self.process = WorkerProcess.spawn(worker_command(self.settings), self.listener.fileno(),
                                                state_file(self.settings, ZYGOTE_SENTINEL), self.selector,
@@ -371,8 +398,8 @@ class Zygote:
             theirs.close()
         self.ready, self.starts, self.started_at = False, self.starts + 1, now
         if self.process:
-            self.channel.setblocking(False)
-            self.selector.register(self.channel, selectors.EVENT_READ, self.receive)
+            channel.setblocking(False)
+            self.selector.register(channel, selectors.EVENT_READ, self.receive)
             log.info("zygote (pid %d) loading the model", self.process.pid)
 
     def stop(self) -> None:
@@ -425,7 +452,7 @@ class Zygote:
                     self.load_seconds = float(rest) if rest else self.load_seconds
                 except ValueError:
                     pass
-                log.info("zygote (pid %d) ready: workers are forked from it", self.process.pid)
+                log.info("zygote (pid %s) ready: workers are forked from it", self.process.pid if self.process else "?")
             elif word == "exit":
                 self.worker_exited(rest)
             elif word.isdigit() and self.asked is not None:
@@ -453,9 +480,10 @@ class Zygote:
     def check(self, now: float, may_start: bool) -> None:
         """Notice readiness and deaths; restart a dead zygote (when may_start: a worker serves and
         none loads), backing off while it keeps dying."""
-        if self.process is not None and self.process.poll() is not None:
+        code = self.process.poll() if self.process is not None else None
+        if self.process is not None and code is not None:
             log.warning("zygote (pid %d) %s; workers are started without it", self.process.pid,
-                        describe_exit(self.process.poll(), False))
+                        describe_exit(code, False))
             if self.ready:
                 self.backoff.reset()  # it served its purpose: start the next one at once
             else:
@@ -485,7 +513,7 @@ class Zygote:
         """A fork was asked for: spawn() returns it soon (there is no need to start a worker otherwise)."""
         return self.asked is not None or self.forked is not None
 
-    def spawn(self, sentinel: Path) -> Optional[WorkerProcess]:
+    def spawn(self, sentinel: Path) -> WorkerProcess | None:
         """The worker forked for sentinel, once the zygote said its pid; None until then (the first
         call asks for it)."""
         if self.forked is not None and self.forked.sentinel == sentinel:
@@ -532,7 +560,7 @@ class Worker:
     process: WorkerProcess
     state: State
     started_at: float
-    heartbeat_mtime: Optional[int] = None
+    heartbeat_mtime: int | None = None
     heartbeat_at: float = 0.0  # when the sentinel's mtime last changed
     outdated: str = ""  # why an ACTIVE worker is to be replaced once a successor is READY
     outdated_cause: str = ""  # that reason as a metrics label: memory, reload
@@ -562,25 +590,25 @@ class Supervisor:
     n_threads = 0 they divide the free cores by it.
     """
 
-    def __init__(self, settings: Settings, spawn_process: Callable[[Path], Optional[WorkerProcess]]) -> None:
+    def __init__(self, settings: Settings, spawn_process: Callable[[Path], WorkerProcess | None]) -> None:
         self.settings = settings
         self.spawn_process = spawn_process
-        self.workers: List[Worker] = []
+        self.workers: list[Worker] = []
         self.serial = 0
         self.stopping = False
         self.backoff = Backoff(settings.backoff_max)  # BACKOFF: no new worker before backoff.until
         self.failure = ""  # why the last backoff began, in words (for the 503 answers meanwhile)
-        self.crash_times: List[float] = []  # crashes of started workers since the last answer
-        self.healthy_since: Optional[float] = None  # an ACTIVE worker since then, no failure
-        self.running: List[Worker] = []  # holding a generation slot
-        self.waiting: Deque[Worker] = collections.deque()  # waiting for one, first come first served
+        self.crash_times: list[float] = []  # crashes of started workers since the last answer
+        self.healthy_since: float | None = None  # an ACTIVE worker since then, no failure
+        self.running: list[Worker] = []  # holding a generation slot
+        self.waiting: collections.deque[Worker] = collections.deque()  # waiting for one, first come first served
         # The metrics: what workers reported, and what only the watchdog knows.
         self.totals = Totals()
-        self.restarts: Dict[str, int] = collections.Counter()
+        self.restarts: dict[str, int] = collections.Counter()
         self.crashes = 0
-        self.model_load_seconds: Optional[float] = None
+        self.model_load_seconds: float | None = None
         self.started_wall = time.time()
-        self.backlog: Callable[[], Optional[int]] = lambda: None  # connections no worker accepted yet
+        self.backlog: Callable[[], int | None] = lambda: None  # connections no worker accepted yet
         self.on_pages: Callable[[bytes], None] = lambda payload: None  # a worker's written pages, for the zygote
         self.forks_quickly: Callable[[], bool] = lambda: False  # the next worker comes from a ready zygote
         # The prompt cache's saved contexts, kept across the workers' restarts.
@@ -591,7 +619,7 @@ class Supervisor:
     def finished(self) -> bool:
         return self.stopping and not self.workers
 
-    def find(self, state: State) -> Optional[Worker]:
+    def find(self, state: State) -> Worker | None:
         return next((worker for worker in self.workers if worker.state is state), None)
 
     def count(self, state: State) -> int:
@@ -663,7 +691,7 @@ class Supervisor:
         else:
             self.tell_running()
 
-    def tell_running(self, but: Optional[Worker] = None) -> None:
+    def tell_running(self, but: Worker | None = None) -> None:
         for other in self.running:
             if other is not but:
                 other.process.tell(MSG_RUNNING, str(len(self.running)).encode())
@@ -742,9 +770,9 @@ class Supervisor:
             log.critical("%s cannot load: %s", worker, lines[-1] if lines else "(no output)")
             self.back_off(now, reason, to_maximum=True)
         else:
-            lines = "".join(f"\n    {line}" for line in worker.process.last_lines())
+            output = "".join(f"\n    {line}" for line in worker.process.last_lines())
             log.error("%s crashed while %s: %s; its last output:%s", worker, worker.state.value, how,
-                      lines or " (none)")
+                      output or " (none)")
             self.crashes += 1
             self.restarts["crash"] += 1
             if worker.state is State.STARTING:
@@ -875,7 +903,7 @@ class Supervisor:
         self.workers.append(worker)
         log.info("%s started", worker)
 
-    def spare_can_wait(self, current: List[Worker]) -> bool:
+    def spare_can_wait(self, current: list[Worker]) -> bool:
         """Only the spare is missing, it would be forked from the zygote, and a request is being
         answered: a generation runs or waits for its slot, or a worker is BUSY (it stopped accepting
         for its last request and has not yet removed its sentinel, which it does once the answer is
@@ -888,7 +916,7 @@ class Supervisor:
                 and self.forks_quickly()
                 and bool(self.running or self.waiting or self.find(State.BUSY)))
 
-    def unavailable(self, now: float) -> Optional[Tuple[str, float]]:
+    def unavailable(self, now: float) -> tuple[str, float] | None:
         """(why, seconds until the next try) while no worker will accept soon: none is active,
         ready or starting, and a backoff runs. None while clients had better wait in the queue."""
         if self.stopping or not self.backoff.waiting(now) or any(
@@ -974,12 +1002,12 @@ def remove_stale_sentinels(settings: Settings) -> None:
 class Watchdog:
     """The main loop: read the workers' output, act on queued signals, tick the Supervisor."""
 
-    def __init__(self, settings: Settings, listener: socket.socket, overrides: Optional[dict] = None) -> None:
+    def __init__(self, settings: Settings, listener: socket.socket, overrides: dict | None = None) -> None:
         self.listener = listener
         listener.setblocking(False)  # the watchdog accepts on it while no worker can (unavailable.py)
         self.overrides = overrides or {}  # from the command line: they outlive a SIGHUP
         self.selector = selectors.DefaultSelector()
-        self.received_signals: List[int] = []
+        self.received_signals: list[int] = []
         self.supervisor = Supervisor(settings, self.spawn_worker)
         self.supervisor.backlog = lambda: accept_queue_length(listener)
         self.responder = UnavailableResponder(self.selector)
@@ -990,7 +1018,7 @@ class Watchdog:
         self.supervisor.forks_quickly = lambda: bool(self.zygote and self.zygote.ready and not self.zygote.forking)
         self.next_stray_check = 0.0
 
-    def make_zygote(self, settings: Settings) -> Optional[Zygote]:
+    def make_zygote(self, settings: Settings) -> Zygote | None:
         # Forking from a loaded model is safe on the CPU; GPU contexts do not survive a fork.
         use_zygote = settings.zygote and settings.device == "cpu" and become_subreaper()
         return Zygote(settings, self.listener, self.selector) if use_zygote else None
@@ -1022,7 +1050,7 @@ class Watchdog:
             except ChildProcessError:
                 pass
 
-    def spawn_worker(self, sentinel: Path) -> Optional[WorkerProcess]:
+    def spawn_worker(self, sentinel: Path) -> WorkerProcess | None:
         """Fork the worker from the zygote when it is ready; start it the ordinary way otherwise.
 
         One model load at a time, at idle priority while a worker serves: a spare waits (None) for
@@ -1100,7 +1128,7 @@ class Watchdog:
         self.supervisor.reload(new, now)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run gpt4all_api.py workers on one held socket, "
                                                  "restarting them as config.ini's [watchdog] says.")
     parser.add_argument("--config", type=Path, default=HERE / "config.ini", help="default: %(default)s")

@@ -7,5 +7,6 @@ native context), cache_entry (a saved context's format), reuse_setup (markers, t
 self-test), prompt_cache (a worker's side of the cache), context (what the model's context holds);
 engine (generation, knows nothing of HTTP), fields and api (requests, replies, errors, dispatch,
 the batched token stream), one module per wire protocol (seed_api, openai_api, ollama_api), routes
-(the table built from them), http_server (the transport). This file imports nothing, so `import apiserver.settings` loads only that module.
+(the table built from them), http_server (the transport). This file imports nothing, so
+`import apiserver.settings` loads only that module.
 """

@@ -15,11 +15,21 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable
 
-from apiserver.engine import (ClientGone, Constraint, Completion, EngineError, GenerationParams, ModelRunner,
-                              PromptNotUnicode, PromptTooLong, QueueFull)
+from apiserver.engine import (
+    ClientGone,
+    Completion,
+    Constraint,
+    EngineError,
+    GenerationParams,
+    ModelRunner,
+    PromptNotUnicode,
+    PromptTooLong,
+    QueueFull,
+)
 from apiserver.settings import Settings
 
 log = logging.getLogger("gpt4all_api")
@@ -32,8 +42,8 @@ STREAM_GROUP_SECONDS = 0.05  # streamed tokens are sent at most this often, the 
 class ApiError(Exception):
     """An error that becomes a JSON reply in the shape of the API it came to."""
 
-    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None,
-                 headers: Optional[Dict[str, str]] = None):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers or {}
@@ -43,32 +53,32 @@ class ApiError(Exception):
 class Request:
     method: str
     path: str
-    query: Dict[str, str] = dataclasses.field(default_factory=dict)
-    headers: Dict[str, str] = dataclasses.field(default_factory=dict)  # lower-case names
+    query: dict[str, str] = dataclasses.field(default_factory=dict)
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)  # lower-case names
     body: bytes = b""
-    body_error: Optional[ApiError] = None  # raised once the route is known to want the body
+    body_error: ApiError | None = None  # raised once the route is known to want the body
     client_alive: Callable[[], bool] = lambda: True
     # Tells the accept loop what this request is (a generation was admitted, or the reply is ready),
     # so that a worker whose restart it makes due leaves the next request to its successor.
     mark_classified: Callable[[], None] = lambda: None
     route: str = "unmatched"  # the route that served it (a metrics label)
-    completion: Optional[Completion] = None  # its generation, once finished (for the metrics)
+    completion: Completion | None = None  # its generation, once finished (for the metrics)
 
 
 @dataclasses.dataclass
 class Reply:
     status: int
-    headers: Dict[str, str]
+    headers: dict[str, str]
     body: bytes = b""
     # A streamed reply calls stream(emit) instead of sending body; the status line and headers
     # leave with the first emit, so an ApiError raised before it still becomes a normal reply,
     # through error_reply (the route's error shape).
-    stream: Optional[Callable[[Callable[[bytes], None]], None]] = None
-    usage: Dict[str, int] = dataclasses.field(default_factory=dict)  # for the access log
-    error_reply: Optional[Callable[[ApiError], "Reply"]] = None
+    stream: Callable[[Callable[[bytes], None]], None] | None = None
+    usage: dict[str, int] = dataclasses.field(default_factory=dict)  # for the access log
+    error_reply: Callable[[ApiError], Reply] | None = None
 
 
-def json_reply(status: int, document: Any, headers: Optional[Dict[str, str]] = None) -> Reply:
+def json_reply(status: int, document: Any, headers: dict[str, str] | None = None) -> Reply:
     body = json.dumps(document, ensure_ascii=False).encode("utf-8")
     return Reply(status, {"Content-Type": "application/json", **(headers or {})}, body)
 
@@ -139,7 +149,7 @@ RouteHandler = Callable[["App", Request], Reply]
 class Route:
     """Methods on one path (or on every path below it, with prefix) and the error shape of their API."""
     path: str
-    methods: Dict[str, RouteHandler]
+    methods: Mapping[str, RouteHandler]
     prefix: bool = False
     error_reply: Callable[[ApiError], Reply] = error_reply
     public: Callable[[Settings], bool] = lambda settings: False  # True: no API key asked
@@ -153,16 +163,16 @@ class App:
         self.routes = {route.path: route for route in routes if not route.prefix}
         self.prefix_routes = [route for route in routes if route.prefix]
         self.not_found_hint = not_found_hint
-        self.runner: Optional[ModelRunner] = None
+        self.runner: ModelRunner | None = None
         self.started, self.started_wall = time.monotonic(), time.time()
         self.generations_admitted = 0
         # Called with the count after each admitted generation: the worker's restart policy.
         self.on_generation_admitted: Callable[[int], None] = lambda count: None
         # The metrics' text (metrics_api.py), or None when it cannot be had in time: set by the process.
-        self.metrics_text: Callable[[], Optional[str]] = lambda: None
+        self.metrics_text: Callable[[], str | None] = lambda: None
         self.lock = threading.Lock()
 
-    def find_route(self, path: str) -> Optional[Route]:
+    def find_route(self, path: str) -> Route | None:
         route = self.routes.get(path)
         if route is None:
             route = next((route for route in self.prefix_routes if path.startswith(route.path)), None)
@@ -182,8 +192,8 @@ class App:
         return self.runner
 
     def complete(self, request: Request, prompt: str, params: GenerationParams,
-                 on_text: Optional[Callable[[str], None]] = None, logged_prompt: Optional[str] = None,
-                 constraint: Optional[Constraint] = None) -> Completion:
+                 on_text: Callable[[str], None] | None = None, logged_prompt: str | None = None,
+                 constraint: Constraint | None = None) -> Completion:
         """One generation for this request: admitted (it counts towards the restart), run, logged."""
         try:
             completion = self.require_runner().complete(prompt, params, request.client_alive, on_text=on_text,
@@ -196,7 +206,7 @@ class App:
             log.info("prompt %r -> answer %r", prompt if logged_prompt is None else logged_prompt, completion.text)
         return completion
 
-    def chat_prompt(self, messages: List[Dict[str, str]], params: GenerationParams) -> Tuple[str, GenerationParams]:
+    def chat_prompt(self, messages: list[dict[str, str]], params: GenerationParams) -> tuple[str, GenerationParams]:
         """Messages through the model's chat template; its end marker joins the stop strings."""
         template = self.require_runner().template
         return template.render(messages), dataclasses.replace(params, stop=params.stop + (template.end,))
@@ -226,7 +236,7 @@ def check_api_key(settings: Settings, request: Request) -> None:
                        "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def cors_headers(settings: Settings, request: Request) -> Dict[str, str]:
+def cors_headers(settings: Settings, request: Request) -> dict[str, str]:
     origin = request.headers.get("origin")
     allowed = settings.cors_origins
     if not origin or not ("*" in allowed or origin in allowed):
@@ -239,7 +249,7 @@ def cors_headers(settings: Settings, request: Request) -> Dict[str, str]:
     return headers
 
 
-def route_request(app: App, route: Optional[Route], request: Request) -> Reply:
+def route_request(app: App, route: Route | None, request: Request) -> Reply:
     if route is None:
         raise ApiError(404, f"no route {request.path!r}; {app.not_found_hint}", "not_found")
     allow = ", ".join(sorted(route.methods) + ["OPTIONS"])

@@ -19,7 +19,8 @@ import mmap
 import os
 import struct
 import zlib
-from typing import Any, Callable, Dict, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Callable
 
 from apiserver.turns import Evaluated
 
@@ -49,7 +50,7 @@ class StateSize:
 @dataclasses.dataclass(frozen=True)
 class Entry:
     evaluated: Evaluated
-    tokens: Tuple[int, ...]
+    tokens: tuple[int, ...]
     blob_offset: int
     blob_length: int
     blob_crc32: int
@@ -59,12 +60,13 @@ def round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
-def write_entry(fd: int, fingerprint: Dict[str, Any], evaluated: Evaluated, tokens: Sequence[int],
+def write_entry(fd: int, fingerprint: dict[str, Any], evaluated: Evaluated, tokens: Sequence[int],
                 save_state: Callable[[int], int], estimate: int, bound: int) -> int:
     """Write an entry into the memory file fd through save_state(address) -> bytes written, where
     estimate bytes are allocated ahead (posix_fallocate: no memory raises OSError here, never a
     SIGBUS inside llama.cpp) and bound is the most save_state may write. Returns the state's bytes."""
-    document = {"fingerprint": fingerprint, "text": evaluated.text, "marks": evaluated.marks, "tokens": list(tokens)}
+    document: dict[str, Any] = {"fingerprint": fingerprint, "text": evaluated.text, "marks": evaluated.marks,
+                                "tokens": list(tokens)}
     draft = json.dumps(document, ensure_ascii=False).encode("utf-8")
     blob_offset = round_up(HEAD.size + len(draft) + HEADER_ROOM, PAGE)
     os.posix_fallocate(fd, 0, blob_offset + estimate)
@@ -82,7 +84,7 @@ def write_entry(fd: int, fingerprint: Dict[str, Any], evaluated: Evaluated, toke
     return length
 
 
-def read_header(fd: int, fingerprint: Dict[str, Any]) -> Entry:
+def read_header(fd: int, fingerprint: dict[str, Any]) -> Entry:
     """The entry in fd, every field checked against its file and against our fingerprint."""
     size = os.fstat(fd).st_size
     head = os.pread(fd, HEAD.size, 0)
@@ -155,14 +157,14 @@ def state_shape(state: Any) -> StateShape:
     return StateShape(outputs, logits, embeddings, kv_bytes, kv_head, kv_size, kv_used, v_trans, offset)
 
 
-def shape_facts(shape: StateShape) -> Dict[str, int]:
+def shape_facts(shape: StateShape) -> dict[str, int]:
     """What every state of one model and context shares (the self-test's state tells; part of
     the fingerprint): logits per output, cells, the V layout, the KV bytes per cell."""
     return {"logits_per_output": shape.logits // max(1, shape.outputs), "kv_size": shape.kv_size,
             "v_trans": shape.v_trans, "kv_bytes_per_cell": shape.kv_bytes // max(1, shape.kv_head)}
 
 
-def check_state(state: Any, length: int, facts: Dict[str, int]) -> None:
+def check_state(state: Any, length: int, facts: dict[str, int]) -> None:
     """InvalidEntry unless the state has the shape llama.cpp will read without an assertion."""
     shape = state_shape(state)
     if (shape.end != length or shape.outputs != 1 or shape.embeddings
@@ -196,7 +198,7 @@ class MappedState:
         self.libc.munmap(self.address, self.length)
 
 
-def state_facts(fd: int, entry: Entry) -> Dict[str, int]:
+def state_facts(fd: int, entry: Entry) -> dict[str, int]:
     """shape_facts of an entry's state (the self-test's own, which the others must share)."""
     state = MappedState(fd, entry)
     try:
@@ -205,7 +207,7 @@ def state_facts(fd: int, entry: Entry) -> Dict[str, int]:
         state.close()
 
 
-def open_state(fd: int, entry: Entry, facts: Dict[str, int]) -> MappedState:
+def open_state(fd: int, entry: Entry, facts: dict[str, int]) -> MappedState:
     """The entry's state, mapped, checked against its checksum and its shape."""
     state = MappedState(fd, entry)
     try:

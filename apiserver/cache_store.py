@@ -21,10 +21,17 @@ import collections
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+from collections.abc import Sequence
+from typing import Any, Callable
 
-from apiserver.protocol import (MSG_CACHE_BAD, MSG_CACHE_ENTRY, MSG_CACHE_FOUND, MSG_CACHE_LOOKUP,
-                                MSG_CACHE_PENDING, MSG_CACHE_USED)
+from apiserver.protocol import (
+    MSG_CACHE_BAD,
+    MSG_CACHE_ENTRY,
+    MSG_CACHE_FOUND,
+    MSG_CACHE_LOOKUP,
+    MSG_CACHE_PENDING,
+    MSG_CACHE_USED,
+)
 
 log = logging.getLogger("watchdog")
 
@@ -38,7 +45,7 @@ Send = Callable[[Any, bytes, bytes, Sequence[int]], None]  # (worker, kind, payl
 class StoredEntry:
     number: int
     fd: int
-    names: Set[bytes]
+    names: set[bytes]
     size: int  # bytes of memory its file holds
 
 
@@ -46,11 +53,11 @@ class StoredEntry:
 class Lookup:
     worker: Any
     number: bytes  # the worker's number for it, echoed in the answer
-    names: List[bytes]  # shortest prefix first
-    deadline: Optional[float] = None  # after this, announced entries are no longer waited for
+    names: list[bytes]  # shortest prefix first
+    deadline: float | None = None  # after this, announced entries are no longer waited for
 
 
-def split_names(payload: bytes) -> List[bytes]:
+def split_names(payload: bytes) -> list[bytes]:
     return [payload[index:index + NAME_BYTES] for index in range(0, len(payload) - NAME_BYTES + 1, NAME_BYTES)]
 
 
@@ -64,11 +71,11 @@ class CacheStore:
 
     def __init__(self, budget: int, send: Send):
         self.budget, self.send = budget, send
-        self.entries: "collections.OrderedDict[int, StoredEntry]" = collections.OrderedDict()  # least recent first
-        self.holders: Dict[bytes, Set[int]] = {}  # name -> numbers of the entries holding that prefix
-        self.pending: Dict[Any, Set[bytes]] = {}  # worker -> names of the entry it announced
-        self.lookups: List[Lookup] = []  # waiting for an announced entry
-        self.restoring: Dict[Any, int] = {}  # worker -> entry handed to it, not yet confirmed sound
+        self.entries: collections.OrderedDict[int, StoredEntry] = collections.OrderedDict()  # least recent first
+        self.holders: dict[bytes, set[int]] = {}  # name -> numbers of the entries holding that prefix
+        self.pending: dict[Any, set[bytes]] = {}  # worker -> names of the entry it announced
+        self.lookups: list[Lookup] = []  # waiting for an announced entry
+        self.restoring: dict[Any, int] = {}  # worker -> entry handed to it, not yet confirmed sound
         self.numbers = 0
 
     @property
@@ -104,7 +111,7 @@ class CacheStore:
             os.close(fd)
         return True
 
-    def add(self, fd: int, names: Set[bytes]) -> None:
+    def add(self, fd: int, names: set[bytes]) -> None:
         size = memory_held(fd)
         if not names or size > self.budget:
             if self.budget:

@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Callable
 
 from apiserver.api import ApiError, App, Request, TokenBatcher
 from apiserver.constraints import JsonAnswer, ToolCalls
 from apiserver.engine import Completion, Constraint, GenerationParams
 from apiserver.json_output import InvalidJsonOutput, check_json_answer, prefill_for, schema_instruction
-from apiserver.tool_formats import (CallHoldBack, ToolCall, answered_calls, call_key, fold_tool_exchanges,
-                                    parse_tool_calls, tool_format_for, unsent_text)
+from apiserver.tool_formats import (
+    CallHoldBack,
+    ToolCall,
+    answered_calls,
+    call_key,
+    fold_tool_exchanges,
+    parse_tool_calls,
+    tool_format_for,
+    unsent_text,
+)
 
 log = logging.getLogger("gpt4all_api")
 
@@ -31,16 +40,16 @@ class ChatRequest:
     prompt: str
     params: GenerationParams
     prefill: str = ""  # the answer's opening, written by us (a tool_choice, JSON mode)
-    tool_names: Tuple[str, ...] = ()  # the offered functions, when calls are to be read from the answer
-    tools: Tuple[Dict[str, Any], ...] = ()  # their definitions: a call's arguments follow its parameters
+    tool_names: tuple[str, ...] = ()  # the offered functions, when calls are to be read from the answer
+    tools: tuple[dict[str, Any], ...] = ()  # their definitions: a call's arguments follow its parameters
     arguments_key: str = "arguments"  # where the tool format writes a call's arguments
     parallel_tool_calls: bool = True
     json_mode: bool = False
-    json_schema: Optional[Dict[str, Any]] = None
+    json_schema: dict[str, Any] | None = None
     answered: frozenset = frozenset()  # calls already answered in this turn (tool_formats.call_key)
     fallback_prompt: str = ""  # the conversation without tools, for a model that repeats such a call
 
-    def constraint(self) -> Optional[Constraint]:
+    def constraint(self) -> Constraint | None:
         """What the answer is held to while it is generated: JSON (with its schema), or the calls'
         names and arguments while tools are offered."""
         if self.json_mode:
@@ -49,21 +58,21 @@ class ChatRequest:
             return ToolCalls(self.tools, self.arguments_key, self.prefill)
         return None
 
-    def without_tools(self) -> "ChatRequest":
+    def without_tools(self) -> ChatRequest:
         """The request answered in text from the results (the fallback for a repeated call)."""
         return dataclasses.replace(self, prompt=self.fallback_prompt, prefill="", tool_names=(), tools=())
 
 
-def with_system_note(messages: List[Dict[str, str]], note: str, default_system: str) -> List[Dict[str, str]]:
+def with_system_note(messages: list[dict[str, str]], note: str, default_system: str) -> list[dict[str, str]]:
     """The messages with note added to the system message (one made from default_system if none)."""
     if messages and messages[0]["role"] == "system":
         return [{"role": "system", "content": f"{messages[0]['content']}\n\n{note}"}] + messages[1:]
     return [{"role": "system", "content": f"{default_system}\n\n{note}".strip()}] + messages
 
 
-def build_chat(app: App, messages: Sequence[Dict[str, Any]], params: GenerationParams,
-               tools: Sequence[Dict[str, Any]] = (), choice: str = "none", parallel_tool_calls: bool = True,
-               json_mode: bool = False, json_schema: Optional[Dict[str, Any]] = None) -> ChatRequest:
+def build_chat(app: App, messages: Sequence[dict[str, Any]], params: GenerationParams,
+               tools: Sequence[dict[str, Any]] = (), choice: str = "none", parallel_tool_calls: bool = True,
+               json_mode: bool = False, json_schema: dict[str, Any] | None = None) -> ChatRequest:
     """The prompt for a conversation: tools in the model's own format (unless choice is "none"),
     choice "required" or a function name enforced by the answer's opening, or JSON mode."""
     if json_mode and choice != "none":
@@ -101,7 +110,7 @@ class Answer:
         self.chat, self.completion = chat, completion
         self.text = chat.prefill + completion.text
         self.finish = "length" if completion.finish_reason == "timeout" else completion.finish_reason
-        self.calls: List[ToolCall] = []
+        self.calls: list[ToolCall] = []
         if chat.json_mode:
             # Cut by the token limit or the client's stop string, the JSON is as far as it got (as
             # OpenAI answers); complete, it follows its schema by construction.
@@ -125,7 +134,7 @@ class Answer:
                                         for call in self.calls)
 
 
-def answer_once(app: App, request: Request, chat: ChatRequest, on_text: Optional[Callable[[str], None]] = None,
+def answer_once(app: App, request: Request, chat: ChatRequest, on_text: Callable[[str], None] | None = None,
                 on_retry: Callable[[], None] = lambda: None) -> Answer:
     """One answer; a model that repeats a call already answered in this turn (small models do,
     instead of reading the results) answers again from the results written as text, without tools."""
@@ -155,7 +164,7 @@ class StreamedAnswer:
         self.batcher = TokenBatcher(self.release)
         self.streamed = ""  # the text sent so far
 
-    def run(self, app: App, request: Request) -> Tuple[Answer, str]:
+    def run(self, app: App, request: Request) -> tuple[Answer, str]:
         """Generate; return the answer and its text not streamed yet (held back, or around a call)."""
         answer = answer_once(app, request, self.chat, on_text=self.add, on_retry=self.restart)
         self.add("")

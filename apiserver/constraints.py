@@ -7,7 +7,8 @@ answer in words is left alone). Imports json_grammar and tool_formats.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from apiserver.json_grammar import Checker
 from apiserver.json_schema import Grammar, Schema
@@ -18,7 +19,7 @@ class JsonAnswer:
     """JSON mode: the answer is one JSON document valid for schema (an object without one); prefill,
     the answer's opening written by the server, is part of it."""
 
-    def __init__(self, schema: Optional[Schema], prefill: str):
+    def __init__(self, schema: Schema | None, prefill: str):
         self.checker = Checker(schema if schema is not None else {"type": "object"})
         if self.checker.feed(prefill) != len(prefill):
             raise ValueError(f"the answer's opening {prefill!r} does not follow the schema")
@@ -33,7 +34,7 @@ class JsonAnswer:
     def can_end(self) -> bool:
         return self.checker.can_end()
 
-    def correction(self, bad: Optional[str]) -> str:
+    def correction(self, bad: str | None) -> str:
         return self.checker.correction(bad)
 
     def closing(self) -> str:
@@ -50,9 +51,9 @@ def rebase_references(schema: Any, prefix: str) -> Any:
     return schema
 
 
-def call_schema(tools: Sequence[Dict[str, Any]], arguments_key: str) -> Schema:
+def call_schema(tools: Sequence[dict[str, Any]], arguments_key: str) -> Schema:
     """One call of any offered function: its name, and arguments that follow its parameters."""
-    options: List[Schema] = []
+    options: list[Schema] = []
     for index, tool in enumerate(tools):
         function = tool.get("function", tool)
         parameters = function.get("parameters") or {"type": "object"}
@@ -68,10 +69,10 @@ class ToolCalls:
 
     complete = False  # calls never end the answer: the model may make several
 
-    def __init__(self, tools: Sequence[Dict[str, Any]], arguments_key: str, prefill: str):
+    def __init__(self, tools: Sequence[dict[str, Any]], arguments_key: str, prefill: str):
         schema = call_schema(tools, arguments_key)
         self.schema, self.grammar = schema, Grammar(schema)
-        self.call: Optional[Checker] = None  # the call being written
+        self.call: Checker | None = None  # the call being written
         self.words = False  # the answer is text: nothing more is constrained
         opening = prefill.replace(CALL_OPEN, "")
         if self.feed(opening) != len(opening):
@@ -100,7 +101,7 @@ class ToolCalls:
     def can_end(self) -> bool:
         return self.call is None or self.call.can_end()
 
-    def correction(self, bad: Optional[str]) -> str:
+    def correction(self, bad: str | None) -> str:
         return self.call.correction(bad) if self.call is not None else ""
 
     def closing(self) -> str:

@@ -13,7 +13,8 @@ generation lock. Imports settings, protocol, model, prefix, turns, reuse_setup a
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from apiserver.model import ChatTemplate
 from apiserver.prefix import Prefix
@@ -27,7 +28,7 @@ log = logging.getLogger("gpt4all_api")
 
 
 class ModelContext:
-    def __init__(self, model: Any, settings: Settings, template: ChatTemplate, prefix: Optional[Prefix],
+    def __init__(self, model: Any, settings: Settings, template: ChatTemplate, prefix: Prefix | None,
                  reuse: ReuseSetup):
         self.model, self.settings, self.reuse = model, settings, reuse
         # gpt4all's tokenizer: where prompts may be cut, and the batch sizes (turns.batch_size).
@@ -35,19 +36,19 @@ class ModelContext:
         self.markers = template.turn_start if self.tokenizer else ()
         self.evaluated = Evaluated(prefix.text, ((len(prefix.text), prefix.n_past),)) if prefix else Evaluated()
         self.configured = self.evaluated if not settings.prompt_cache else None  # kept alone (prompt_cache off)
-        self.cache: Optional[PromptCache] = None  # under the watchdog, with saved entries: attach_cache()
+        self.cache: PromptCache | None = None  # under the watchdog, with saved entries: attach_cache()
         self.unsaved = False  # the context holds turns no entry holds yet
 
     def attach_cache(self, link: WatchdogLink) -> None:
         """Under the watchdog, with a worker per request (or per few): the cache of saved contexts."""
         if (self.reuse.fingerprint is not None and self.settings.prompt_cache and self.settings.restart_after_requests
-                and self.tokenizer is not None):
+                and self.tokenizer is not None and self.reuse.native is not None):
             self.cache = PromptCache(self.model, self.reuse, link, self.reuse.native, self.tokenizer)
 
-    def boundaries(self, prompt: str) -> List[int]:
+    def boundaries(self, prompt: str) -> list[int]:
         return turn_offsets(prompt, self.markers)
 
-    def cut_points(self, prompt: str, offsets: Sequence[int]) -> List[int]:
+    def cut_points(self, prompt: str, offsets: Sequence[int]) -> list[int]:
         """The boundaries a prompt may start from: those that leave at least MIN_BATCH tokens to
         evaluate (the last ones may leave fewer: a chat template's short assistant opening, a raw
         prompt that ends just after a marker)."""

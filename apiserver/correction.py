@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Optional, Protocol, Tuple
+from typing import Any, Callable, Protocol
 
 from apiserver.model import PROMPT_AS_IS
 
@@ -36,7 +36,7 @@ class Constraint(Protocol):
     def complete(self) -> bool: ...
     def feed(self, piece: str) -> int: ...
     def can_end(self) -> bool: ...
-    def correction(self, bad: Optional[str]) -> str: ...
+    def correction(self, bad: str | None) -> str: ...
     def closing(self) -> str: ...
 
 
@@ -61,11 +61,13 @@ class TokenCounter:
 
 class Correctable(Protocol):
     """The engine's Generation, as a correction sees it."""
-    finish: Optional[str]
-    error: Optional[BaseException]
+    finish: str | None
+    error: BaseException | None
     tokens: int
     params: Any
-    stopped: bool  # a stop string cut the answer
+
+    @property
+    def stopped(self) -> bool: ...  # a stop string cut the answer
 
     def emit(self, text: str) -> None: ...
     def on_token(self, token_id: int, piece: str) -> bool: ...
@@ -78,13 +80,13 @@ class Correction:
 
     def __init__(self, constraint: Constraint, counter: TokenCounter):
         self.constraint, self.counter = constraint, counter
-        self.rejected: Optional[Tuple[str, str]] = None  # (the valid start of a piece, its first invalid char)
+        self.rejected: tuple[str, str] | None = None  # (the valid start of a piece, its first invalid char)
         self.boundary = counter.count  # the count after the last token the constraint accepted
         self.count = 0
         self.seconds = 0.0
-        self.since: Optional[float] = None  # a correction is being evaluated since then
+        self.since: float | None = None  # a correction is being evaluated since then
 
-    def take(self, piece: str) -> Optional[str]:
+    def take(self, piece: str) -> str | None:
         """In gpt4all's callback: the piece as far as the answer keeps it; None when it leaves the
         grammar (the generation stops there and run() corrects it)."""
         if self.since is not None:

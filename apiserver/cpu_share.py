@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable
 
 from apiserver.protocol import ENV_WATCHDOG_PID
 from apiserver.settings import Settings
@@ -18,7 +18,7 @@ from apiserver.settings import Settings
 log = logging.getLogger("gpt4all_api")
 
 
-def usable_cpus() -> List[int]:
+def usable_cpus() -> list[int]:
     """The CPUs this process may run on."""
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
@@ -74,7 +74,7 @@ class CpuShare:
     SHRINK_AT, GROW_BELOW = 0.5, 0.25  # cores of other programs' load, per core given up
     SUSTAINED = 20  # readings in a row, outside a generation, before a core is given up
 
-    def __init__(self, cpus: List[int], read_stat: Callable[[], str] = read_proc_stat,
+    def __init__(self, cpus: list[int], read_stat: Callable[[], str] = read_proc_stat,
                  own_seconds: Callable[[], float] = own_cpu_seconds, clock: Callable[[], float] = time.monotonic):
         self.cpus, self.read_stat, self.own_seconds, self.clock = set(cpus), read_stat, own_seconds, clock
         self.ticks_per_second = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -84,7 +84,7 @@ class CpuShare:
         self.previous = self.sample()
         self.next_reading = self.clock() + self.WINDOW
 
-    def sample(self) -> Optional[Tuple[float, float, float]]:
+    def sample(self) -> tuple[float, float, float] | None:
         """(time, seconds our CPUs were busy, seconds of our own CPU time); None without /proc."""
         try:
             busy_ticks = 0
@@ -131,7 +131,7 @@ class CpuShare:
         return self.threads
 
 
-def watch_cpu_share(settings: Settings) -> Optional[CpuShare]:
+def watch_cpu_share(settings: Settings) -> CpuShare | None:
     """A CpuShare for n_threads = 0; None for a fixed count, or when /proc cannot tell the load."""
     if settings.n_threads:
         return None

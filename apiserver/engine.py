@@ -17,7 +17,8 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
+from collections.abc import Iterable
+from typing import Any, Callable, Protocol
 
 from apiserver.context import ModelContext
 from apiserver.correction import Constraint, Correction, TokenCounter
@@ -66,7 +67,7 @@ class GenerationParams:
     min_p: float
     repeat_penalty: float
     repeat_last_n: int
-    stop: Tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()
 
 
 
@@ -83,13 +84,13 @@ class Completion:
 
     corrections: int = 0  # times the answer left its grammar and was corrected (constrained answers)
     correction_seconds: float = 0.0  # spent evaluating those corrections
-    constrained_complete: Optional[bool] = None  # under a constraint: the answer was complete at its end
+    constrained_complete: bool | None = None  # under a constraint: the answer was complete at its end
 
-    def usage(self) -> Dict[str, int]:
+    def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
-    def timings(self) -> Dict[str, float]:
+    def timings(self) -> dict[str, float]:
         speed = self.completion_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
         return {"queue_ms": round(self.queue_seconds * 1000, 1), "prompt_ms": round(self.prompt_seconds * 1000, 1),
                 "generation_ms": round(self.generation_seconds * 1000, 1), "tokens_per_second": round(speed, 1)}
@@ -141,8 +142,8 @@ class StopScanner:
 class Generation:
     """One generation's progress, as gpt4all's callbacks see it; its answers say whether to go on."""
 
-    def __init__(self, runner: "ModelRunner", params: GenerationParams, client_alive: Callable[[], bool],
-                 on_text: Optional[Callable[[str], None]], constraint: Optional[Constraint] = None):
+    def __init__(self, runner: ModelRunner, params: GenerationParams, client_alive: Callable[[], bool],
+                 on_text: Callable[[str], None] | None, constraint: Constraint | None = None):
         self.runner, self.params, self.client_alive, self.on_text = runner, params, client_alive, on_text
         self.started = time.monotonic()
         self.deadline = self.started + runner.settings.max_seconds
@@ -150,12 +151,12 @@ class Generation:
         self.correction = Correction(constraint, runner.counter) if constraint is not None else None
         self.prompt_tokens = 0
         self.cached_tokens = 0  # of prompt_tokens, those already in the context
-        self.evaluated_ids: List[int] = []  # the prompt tokens evaluated, in order
+        self.evaluated_ids: list[int] = []  # the prompt tokens evaluated, in order
         self.prompt_stopped = False  # a callback stopped the generation inside its prompt
         self.tokens = 0
-        self.first_token_at: Optional[float] = None
-        self.finish: Optional[str] = None  # stop, length, timeout
-        self.error: Optional[BaseException] = None  # raised once gpt4all returns
+        self.first_token_at: float | None = None
+        self.finish: str | None = None  # stop, length, timeout
+        self.error: BaseException | None = None  # raised once gpt4all returns
 
     def keep_going(self) -> bool:
         self.runner.heartbeat()
@@ -235,8 +236,8 @@ class ModelRunner:
     """Owns the model: one generation at a time, at most queue_size waiting, limits through the callback."""
 
     def __init__(self, model: Any, settings: Settings, template: ChatTemplate, heartbeat: Callable[[], None],
-                 cpu_share: Optional[CpuShare] = None, prefix: Optional[Prefix] = None,
-                 reuse: ReuseSetup = ReuseSetup()):
+                 cpu_share: CpuShare | None = None, prefix: Prefix | None = None,
+                 reuse: ReuseSetup | None = None):
         self.model, self.settings, self.template, self.heartbeat = model, settings, template, heartbeat
         self._generation = threading.Lock()
         self._counters = threading.Lock()
@@ -245,9 +246,10 @@ class ModelRunner:
         self.completed = 0
         self.cpu_share = cpu_share
         self.threads = model.model.thread_count()
-        self.gate: Optional[SlotGate] = None  # under the watchdog: the box's slots
+        self.gate: SlotGate | None = None  # under the watchdog: the box's slots
         self.running_on_box = 1  # generations running on the box: the free cores are divided by it
-        self.context = ModelContext(model, settings, template, prefix, reuse)  # what it holds, where prompts start
+        # what the context holds, where prompts start
+        self.context = ModelContext(model, settings, template, prefix, reuse or ReuseSetup())
         self.counter = TokenCounter(model.model)  # answer tokens, where a correction takes the context back to
 
     def set_running_on_box(self, running: int) -> None:
@@ -286,8 +288,8 @@ class ModelRunner:
         return max(0, self.admitted - 1)
 
     def complete(self, prompt: str, params: GenerationParams, client_alive: Callable[[], bool],
-                 on_text: Optional[Callable[[str], None]] = None, on_admitted: Callable[[], None] = lambda: None,
-                 constraint: Optional[Constraint] = None) -> Completion:
+                 on_text: Callable[[str], None] | None = None, on_admitted: Callable[[], None] = lambda: None,
+                 constraint: Constraint | None = None) -> Completion:
         """Queue, then run one generation; on_text receives the answer as it grows (stop strings
         already cut). on_admitted runs once the request holds a place in the queue; constraint, when
         given, keeps the answer in its grammar (by correction) and ends it where it is complete."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
-from typing import Any, Dict, Optional
+from typing import Any
 from urllib.parse import parse_qsl
 
 from apiserver.api import ApiError, Request
@@ -21,9 +21,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 
 
-def parse_body_fields(request: Request) -> Dict[str, Any]:
+def parse_body_fields(request: Request) -> dict[str, Any]:
     """The request's fields: query parameters, overridden by a JSON, form or multipart body."""
-    fields: Dict[str, Any] = dict(request.query)
+    fields: dict[str, Any] = dict(request.query)
     if request.body_error:
         raise request.body_error
     if not request.body:
@@ -53,7 +53,7 @@ def parse_body_fields(request: Request) -> Dict[str, Any]:
     return fields
 
 
-def parse_multipart(content_type: str, body: bytes) -> Dict[str, str]:
+def parse_multipart(content_type: str, body: bytes) -> dict[str, str]:
     """Text fields of a multipart/form-data body (what Postman's form-data sends)."""
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
@@ -62,8 +62,9 @@ def parse_multipart(content_type: str, body: bytes) -> Dict[str, str]:
     fields = {}
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
-        if name:
-            payload = part.get_payload(decode=True) or b""
+        if isinstance(name, str) and name:
+            payload = part.get_payload(decode=True)
+            payload = payload if isinstance(payload, bytes) else b""
             try:
                 fields[name] = payload.decode(part.get_content_charset() or "utf-8")
             except (UnicodeDecodeError, LookupError):
@@ -71,7 +72,7 @@ def parse_multipart(content_type: str, body: bytes) -> Dict[str, str]:
     return fields
 
 
-def read_number(fields: Dict[str, Any], name: str, kind: type, default: Any, low: float, high: float,
+def read_number(fields: dict[str, Any], name: str, kind: type, default: Any, low: float, high: float,
                 low_open: bool = False) -> Any:
     """A number field (an int or float, or its text from a query or form) within [low, high]."""
     value = fields.get(name)
@@ -92,7 +93,7 @@ def read_number(fields: Dict[str, Any], name: str, kind: type, default: Any, low
     return kind(value)
 
 
-def read_text(fields: Dict[str, Any], name: str, required: bool = False, default: Optional[str] = None) -> Optional[str]:
+def read_text(fields: dict[str, Any], name: str, required: bool = False, default: str | None = None) -> str | None:
     value = fields.get(name)
     if value is None:
         if required:
@@ -105,7 +106,7 @@ def read_text(fields: Dict[str, Any], name: str, required: bool = False, default
     return value
 
 
-def read_flag(fields: Dict[str, Any], name: str, default: bool = False) -> bool:
+def read_flag(fields: dict[str, Any], name: str, default: bool = False) -> bool:
     value = fields.get(name)
     if value is None:  # absent, or an explicit null
         return default
@@ -117,8 +118,8 @@ def read_flag(fields: Dict[str, Any], name: str, default: bool = False) -> bool:
 
 
 
-def parse_generation_params(fields: Dict[str, Any], settings: Settings,
-                            repeat_penalty: Optional[float] = None) -> GenerationParams:
+def parse_generation_params(fields: dict[str, Any], settings: Settings,
+                            repeat_penalty: float | None = None) -> GenerationParams:
     """Sampling fields, validated; max_tokens is capped at the [limits] max_tokens. repeat_penalty:
     the default when the request sets none (a wire protocol may derive it from its own fields)."""
     if "temp" in fields and "temperature" not in fields:

@@ -14,14 +14,14 @@ import socket
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable
 
-from apiserver.protocol import (ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, EXIT_OK, MAX_MESSAGE,
-                                ZYGOTE_PAGES)
+from apiserver.protocol import ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, EXIT_OK, MAX_MESSAGE, ZYGOTE_PAGES
+
 
 def serve_fork_requests(channel: socket.socket, run: Callable[[], int],
-                        every_half_second: Optional[Callable[[], Any]] = None, load_seconds: float = 0.0,
-                        on_pages: Optional[Callable[[bytes], Any]] = None) -> int:
+                        every_half_second: Callable[[], Any] | None = None, load_seconds: float = 0.0,
+                        on_pages: Callable[[bytes], Any] | None = None) -> int:
     """Say ready (and how long the model took to load), then fork a worker running run() for each
     request, until the watchdog hangs up.
 
@@ -75,14 +75,14 @@ class ForkedWorkers:
 
     def __init__(self, channel: socket.socket) -> None:
         self.channel = channel
-        self.pidfd_of: Dict[int, Optional[int]] = {}
+        self.pidfd_of: dict[int, int | None] = {}
 
     @property
-    def pidfds(self) -> List[int]:
+    def pidfds(self) -> list[int]:
         return [fd for fd in self.pidfd_of.values() if fd is not None]
 
     @property
-    def poll_every(self) -> Optional[float]:
+    def poll_every(self) -> float | None:
         """The loop's longest wait: None (until something happens) when every worker has a pidfd."""
         return self.POLL_EVERY if None in self.pidfd_of.values() else None
 
@@ -119,8 +119,8 @@ class ForkedWorkers:
             self.forget(pid)
 
 
-def fork_worker(channel: socket.socket, sentinel: Path, fds: List[int], run: Callable[[], int],
-                inherited: List[int]) -> int:
+def fork_worker(channel: socket.socket, sentinel: Path, fds: list[int], run: Callable[[], int],
+                inherited: list[int]) -> int:
     """Fork the worker, run(): in a process group of its own (which the watchdog signals as a
     whole), without the zygote's channel and its pidfds (inherited)."""
     listen_fd, control_fd, output_fd = fds

@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Optional, Protocol
+from typing import Any, Callable, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 from apiserver.api import ApiError, App, Reply, Request, as_api_error, dispatch, error_reply
@@ -43,10 +43,11 @@ def client_connected(connection: socket.socket) -> bool:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "gpt4all_api"
-    server: "Server"
+    server: Server
 
     def setup(self) -> None:
-        self.timeout = self.server.app.settings.socket_timeout
+        # socketserver reads the timeout from the handler; one per connection, set from the settings
+        self.timeout = self.server.app.settings.socket_timeout  # type: ignore[misc]
         self.counted = False  # in app.in_flight: from its request line to its reply
         self.classified = self.server.classified_events.pop(self.request, threading.Event())
         super().setup()
@@ -76,8 +77,8 @@ class Handler(BaseHTTPRequestHandler):
     def handle_any(self) -> None:
         app = self.server.app
         started = time.monotonic()
-        reply: Optional[Reply] = None
-        request: Optional[Request] = None
+        reply: Reply | None = None
+        request: Request | None = None
         url = urlsplit(self.path)
         try:
             path = url.path.rstrip("/") or "/"
@@ -176,7 +177,7 @@ class Handler(BaseHTTPRequestHandler):
         if getattr(self, "unread_body", 0):
             self.discard_unread_body()
 
-    def send_head(self, reply: Reply, length: Optional[int]) -> None:
+    def send_head(self, reply: Reply, length: int | None) -> None:
         self.send_response(reply.status)
         self.send_header("X-Worker-Pid", str(os.getpid()))  # shows that each answer came from a fresh process
         for name, value in reply.headers.items():
@@ -190,7 +191,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def send_stream(self, reply: Reply) -> None:
-        opened = []
+        opened: list[bool] = []
 
         def emit(data: bytes) -> None:
             if not opened:
@@ -198,6 +199,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_head(reply, None)
             self.write(data)
 
+        assert reply.stream is not None
         try:
             reply.stream(emit)
         except ClientGone:
@@ -232,7 +234,7 @@ class Handler(BaseHTTPRequestHandler):
             pass
         self.close_connection = True
 
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, header too long, unknown method) as JSON."""
         self.close_connection = True
         if self.request_version == "HTTP/0.9":  # the request line did not parse: still send a status line
@@ -265,16 +267,16 @@ class Lifecycle(Protocol):
     def end_request(self) -> None: ...
     def count_connection(self, change: int) -> None: ...
     def keeps_idle_connections(self) -> bool: ...  # False: close each connection after its reply
-    def report_request(self, report: Dict[str, Any]) -> None: ...  # one finished request, for the metrics
+    def report_request(self, report: dict[str, Any]) -> None: ...  # one finished request, for the metrics
 
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, app: App, life: Lifecycle, listen_socket: Optional[socket.socket] = None):
+    def __init__(self, app: App, life: Lifecycle, listen_socket: socket.socket | None = None):
         self.app, self.life = app, life
-        self.classified_events: Dict[socket.socket, threading.Event] = {}  # set once a request is known
+        self.classified_events: dict[socket.socket, threading.Event] = {}  # set once a request is known
         self.request_queue_size = app.settings.backlog
         settings = app.settings
         if listen_socket is None:

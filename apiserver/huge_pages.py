@@ -29,7 +29,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 from apiserver.pages import memory_mappings
 
@@ -43,7 +42,7 @@ MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 READ_CHUNK = 64 << 20
 
-Mapping = Tuple[int, int, int]  # (address, length, offset in the file)
+Mapping = tuple[int, int, int]  # (address, length, offset in the file)
 
 
 def huge_pages_available(setting: Path = THP_SETTING) -> bool:
@@ -67,7 +66,7 @@ def proc_kib_field(path: str, field: str) -> int:
     return 0
 
 
-def file_mappings(path: Path, maps: Optional[str] = None) -> List[Mapping]:
+def file_mappings(path: Path, maps: str | None = None) -> list[Mapping]:
     """This process's read-only mappings of the file at path, from /proc/self/maps (or the text
     given): a writable one may hold bytes the file does not."""
     wanted = str(path.resolve())
@@ -162,7 +161,7 @@ def move_weights_into_huge_pages(model_file: Path) -> int:
     return moved
 
 
-def private_anonymous_mappings(maps: Optional[str] = None) -> List[Tuple[int, int]]:
+def private_anonymous_mappings(maps: str | None = None) -> list[tuple[int, int]]:
     """This process's private writable anonymous mappings (and the heap) as (address, length)."""
     return [(low, size) for low, size, permissions, _, name in memory_mappings(maps)
             if permissions == "rw-p" and name in ("", "[heap]")]

@@ -7,10 +7,20 @@ Imports json_schema.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
-from apiserver.json_schema import (Grammar, Schema, best_literal, int_keyword, kinds_of, literals_of, minimal_value,
-                                   opening_for, required_keys)
+from apiserver.json_schema import (
+    Grammar,
+    Schema,
+    best_literal,
+    int_keyword,
+    kinds_of,
+    literals_of,
+    minimal_value,
+    opening_for,
+    required_keys,
+)
 
 WHITESPACE = " \t\n\r"
 DIGITS = "0123456789"
@@ -29,17 +39,17 @@ class Frame:
     def take(self, char: str) -> Any:
         raise NotImplementedError
 
-    def clone(self) -> "Frame":
+    def clone(self) -> Frame:
         raise NotImplementedError
 
     def endable(self) -> bool:
         """The value is complete if the text ended here (a number, a literal without a closing mark)."""
         return False
 
-    def child_done(self, child: "Frame") -> None:
+    def child_done(self, child: Frame) -> None:
         """A value this frame opened is complete."""
 
-    def correction(self, bad: Optional[str], final: bool) -> str:
+    def correction(self, bad: str | None, final: bool) -> str:
         """The text to write instead of bad (None: the answer wants to stop here); final: end the
         value as soon as possible."""
         raise NotImplementedError
@@ -53,13 +63,13 @@ class ValueFrame(Frame):
         self.grammar, self.schema = grammar, schema
         self.options = grammar.alternatives(schema)
 
-    def clone(self) -> "ValueFrame":
+    def clone(self) -> ValueFrame:
         return self  # nothing in it changes
 
-    def openings(self, char: str) -> List[Tuple[Frame, str]]:
+    def openings(self, char: str) -> list[tuple[Frame, str]]:
         """The frames that begin with char (having taken it), one per alternative that allows it,
         each with TAKEN, or DONE when char is the whole value."""
-        frames: List[Tuple[Frame, str]] = []
+        frames: list[tuple[Frame, str]] = []
         for option in self.options:
             literals = literals_of(option)
             if literals is not None:
@@ -68,7 +78,7 @@ class ValueFrame(Frame):
                 if outcome in (TAKEN, DONE):
                     frames.append((literal, outcome))
                 continue
-            frame: Optional[Frame] = None
+            frame: Frame | None = None
             kinds = kinds_of(option)
             if char == "{" and "object" in kinds:
                 frame = ObjectFrame(self.grammar, option)
@@ -86,7 +96,7 @@ class ValueFrame(Frame):
                 frames.append((frame, TAKEN))
         return frames
 
-    def correction(self, bad: Optional[str], final: bool) -> str:
+    def correction(self, bad: str | None, final: bool) -> str:
         option = self.options[0]
         if final:
             return minimal_value(self.grammar, option, depth=1)
@@ -104,7 +114,7 @@ class LiteralFrame(Frame):
     def __init__(self, grammar: Grammar, literals: Sequence[str], written: str = ""):
         self.grammar, self.literals, self.written = grammar, list(literals), written
 
-    def clone(self) -> "LiteralFrame":
+    def clone(self) -> LiteralFrame:
         return LiteralFrame(self.grammar, self.literals, self.written)
 
     def take(self, char: str) -> Any:
@@ -124,7 +134,7 @@ class LiteralFrame(Frame):
     def value(self) -> Any:
         return json.loads(self.written)
 
-    def correction(self, bad: Optional[str], final: bool) -> str:
+    def correction(self, bad: str | None, final: bool) -> str:
         return best_literal(self.literals, self.written, bad)
 
 
@@ -139,7 +149,7 @@ class StringFrame(Frame):
         self.length = 0
         self.escape = ""  # "" outside an escape; "\\" after a backslash; "u" + hex digits read
 
-    def clone(self) -> "StringFrame":
+    def clone(self) -> StringFrame:
         twin = StringFrame.__new__(StringFrame)
         twin.__dict__.update(self.__dict__)
         return twin
@@ -181,7 +191,7 @@ class StringFrame(Frame):
     def value(self) -> str:
         return json.loads(self.raw)
 
-    def correction(self, bad: Optional[str], final: bool) -> str:
+    def correction(self, bad: str | None, final: bool) -> str:
         if self.escape == "\\":
             return "\\"  # a backslash that escapes nothing valid: written as a backslash
         if self.escape:
@@ -200,7 +210,7 @@ class NumberFrame(Frame):
         self.integer = integer
         self.state = {"-": "minus", "0": "zero"}.get(first, "int")
 
-    def clone(self) -> "NumberFrame":
+    def clone(self) -> NumberFrame:
         twin = NumberFrame(self.integer, "1")
         twin.state = self.state
         return twin
@@ -231,7 +241,7 @@ class NumberFrame(Frame):
     def endable(self) -> bool:
         return self.state in self.FINAL
 
-    def correction(self, bad: Optional[str], final: bool) -> str:
+    def correction(self, bad: str | None, final: bool) -> str:
         return "0"  # only asked in a state that needs a digit
 
 
@@ -242,25 +252,25 @@ class ObjectFrame(Frame):
     def __init__(self, grammar: Grammar, schema: Schema):
         self.grammar, self.schema = grammar, schema
         properties = schema.get("properties")
-        self.properties: Dict[str, Any] = properties if isinstance(properties, dict) else {}
+        self.properties: dict[str, Any] = properties if isinstance(properties, dict) else {}
         extra = schema.get("additionalProperties", True)
         self.closed = extra is False
         self.extra_schema = extra if isinstance(extra, dict) else {}
         self.required = required_keys(schema)
-        self.seen: List[str] = []
+        self.seen: list[str] = []
         self.state = "open"  # open, key (after a comma), colon, after_value
         self.key = ""
 
-    def clone(self) -> "ObjectFrame":
+    def clone(self) -> ObjectFrame:
         twin = ObjectFrame.__new__(ObjectFrame)
         twin.__dict__.update(self.__dict__)
         twin.seen = list(self.seen)
         return twin
 
-    def missing(self) -> List[str]:
+    def missing(self) -> list[str]:
         return [key for key in self.required if key not in self.seen]
 
-    def free_keys(self) -> List[str]:
+    def free_keys(self) -> list[str]:
         """The keys still allowed when the object is closed to others (properties not written yet)."""
         return [key for key in self.properties if key not in self.seen]
 
@@ -304,7 +314,7 @@ class ObjectFrame(Frame):
         else:
             self.state = "after_value"
 
-    def correction(self, bad: Optional[str], final: bool) -> str:
+    def correction(self, bad: str | None, final: bool) -> str:
         missing = self.missing()
         if self.state in ("open", "key"):
             if missing:
@@ -339,7 +349,7 @@ class ArrayFrame(Frame):
         self.count = 0
         self.state = "open"  # open, item (after a comma), after_item
 
-    def clone(self) -> "ArrayFrame":
+    def clone(self) -> ArrayFrame:
         twin = ArrayFrame.__new__(ArrayFrame)
         twin.__dict__.update(self.__dict__)
         return twin
@@ -367,7 +377,7 @@ class ArrayFrame(Frame):
         self.count += 1
         self.state = "after_item"
 
-    def correction(self, bad: Optional[str], final: bool) -> str:
+    def correction(self, bad: str | None, final: bool) -> str:
         if self.state == "after_item":
             if self.count < self.min_items:
                 return ", "

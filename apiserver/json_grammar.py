@@ -11,8 +11,6 @@ by side until the text tells them apart. Imports json_schema and json_frames.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
-
 from apiserver.json_frames import DONE, ENDED, REJECTED, TAKEN, WHITESPACE, Frame, ValueFrame
 from apiserver.json_schema import Grammar, Schema, SchemaError
 
@@ -22,7 +20,7 @@ MAX_CLOSING_STEPS = 256
 # The checker: live paths (stacks of frames), fed a character at a time.
 # --------------------------------------------------------------------------------------------
 
-Path = List[Frame]
+Path = list[Frame]
 
 
 def clone_path(path: Path) -> Path:
@@ -32,7 +30,7 @@ def clone_path(path: Path) -> Path:
 OPEN, WITH, BEFORE = "open", "with", "before"  # the document goes on; ends with the char; ended before it
 
 
-def advance(path: Path, char: str) -> Tuple[List[Path], str]:
+def advance(path: Path, char: str) -> tuple[list[Path], str]:
     """The paths after char (none: rejected), and whether the document is complete (WITH: char is
     its last character; BEFORE: it ended just before char, which is not part of it)."""
     path = clone_path(path)
@@ -41,7 +39,7 @@ def advance(path: Path, char: str) -> Tuple[List[Path], str]:
         if isinstance(top, ValueFrame):
             if char in WHITESPACE:
                 return [path], OPEN
-            results: List[Path] = []
+            results: list[Path] = []
             for frame, outcome in top.openings(char):
                 grown = path[:-1] + [frame]
                 if outcome == DONE:
@@ -70,7 +68,7 @@ def advance(path: Path, char: str) -> Tuple[List[Path], str]:
     return [], OPEN
 
 
-def pop_done(path: Path) -> Tuple[Path, bool]:
+def pop_done(path: Path) -> tuple[Path, bool]:
     """The path with its top value complete; True when that was the whole document."""
     child = path.pop()
     if not path:
@@ -83,13 +81,13 @@ class Checker:
     """An answer followed against JSON and a schema. feed(text) returns how many characters stay:
     fewer than given when one is not valid (rejected) or the document was complete before it."""
 
-    def __init__(self, schema: Optional[Schema], grammar: Optional[Grammar] = None):
+    def __init__(self, schema: Schema | None, grammar: Grammar | None = None):
         self.grammar = grammar or Grammar(schema)
-        self.paths: List[Path] = [[ValueFrame(self.grammar, schema if schema is not None else {})]]
+        self.paths: list[Path] = [[ValueFrame(self.grammar, schema if schema is not None else {})]]
         self.complete = False
         self.text = ""
 
-    def copy(self) -> "Checker":
+    def copy(self) -> Checker:
         twin = Checker.__new__(Checker)
         twin.grammar, twin.complete, twin.text = self.grammar, self.complete, self.text
         twin.paths = [clone_path(path) for path in self.paths]
@@ -99,7 +97,7 @@ class Checker:
         for index, char in enumerate(text):
             if self.complete:
                 return index
-            following: List[Path] = []
+            following: list[Path] = []
             for path in self.paths:
                 paths, status = advance(path, char)
                 if status == BEFORE:
@@ -120,11 +118,11 @@ class Checker:
         """The document is complete if the answer stopped here (a number or literal at the root)."""
         return self.complete or any(len(path) == 1 and path[0].endable() for path in self.paths)
 
-    def correction(self, bad: Optional[str], final: bool = False) -> str:
+    def correction(self, bad: str | None, final: bool = False) -> str:
         """What to write instead of bad (None: the answer stopped before the document was complete),
         checked to go on validly; final: toward the end by the shortest way. Empty: the document
         may end here (a number or literal at the root that bad does not go on)."""
-        found: List[str] = []
+        found: list[str] = []
         for path in self.paths:
             frames = clone_path(path)
             while frames and frames[-1].endable() and (bad is None or not self.continues(frames[-1], bad)):
@@ -156,7 +154,7 @@ class Checker:
         raise SchemaError("no valid ending found for this schema")
 
 
-def resembles(text: str, bad: Optional[str]) -> bool:
+def resembles(text: str, bad: str | None) -> bool:
     """Whether a correction begins with the character the model wrote (ignoring case and a quote)."""
     if not bad:
         return False
@@ -164,7 +162,7 @@ def resembles(text: str, bad: Optional[str]) -> bool:
     return first.lower() == bad.lower()
 
 
-def follows(text: str, schema: Optional[Schema]) -> bool:
+def follows(text: str, schema: Schema | None) -> bool:
     """Whether text (stripped) is one complete JSON document valid for schema, as far as the checker
     enforces it."""
     checker = Checker(schema)

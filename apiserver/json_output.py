@@ -10,7 +10,7 @@ a bug). Imports json_grammar.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional
+from typing import Any
 
 from apiserver.json_grammar import Checker, follows
 from apiserver.json_schema import SchemaError
@@ -18,7 +18,7 @@ from apiserver.json_schema import SchemaError
 PREFILL = "{"
 
 
-def object_root(schema: Optional[Dict[str, Any]]) -> bool:
+def object_root(schema: dict[str, Any] | None) -> bool:
     """Whether the answer is an object: JSON mode without a schema, or a schema whose root is one."""
     if schema is None:
         return True
@@ -28,7 +28,7 @@ def object_root(schema: Optional[Dict[str, Any]]) -> bool:
     return declared == "object" or (declared is None and ("properties" in schema or "required" in schema))
 
 
-def schema_instruction(schema: Optional[Dict[str, Any]]) -> str:
+def schema_instruction(schema: dict[str, Any] | None) -> str:
     """What the system message says in JSON mode."""
     if schema is None:
         return "Answer with one JSON object and nothing else."
@@ -41,7 +41,7 @@ def schema_instruction(schema: Optional[Dict[str, Any]]) -> str:
             + json.dumps(schema, ensure_ascii=False))
 
 
-def prefill_for(schema: Optional[Dict[str, Any]]) -> str:
+def prefill_for(schema: dict[str, Any] | None) -> str:
     """The answer's opening: "{" for an object, and with a schema its first required key; nothing
     for another root (the constraint opens it)."""
     if not object_root(schema):
@@ -52,7 +52,7 @@ def prefill_for(schema: Optional[Dict[str, Any]]) -> str:
     return PREFILL
 
 
-def check_schema(schema: Dict[str, Any]) -> Optional[str]:
+def check_schema(schema: dict[str, Any]) -> str | None:
     """What is wrong with a JSON schema, if anything: the shape of the keywords this server follows,
     references that resolve, and at least one value that satisfies it."""
     required = schema.get("required", [])
@@ -73,7 +73,7 @@ class InvalidJsonOutput(ValueError):
     """The model's answer is not the JSON asked for."""
 
 
-def check_json_answer(text: str, schema: Optional[Dict[str, Any]]) -> Any:
+def check_json_answer(text: str, schema: dict[str, Any] | None) -> Any:
     """The parsed answer; InvalidJsonOutput when it does not parse or does not follow the schema."""
     try:
         document = json.loads(text)

@@ -8,9 +8,10 @@ keywords followed; any other keyword is accepted and not enforced. Imports only 
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
-Schema = Dict[str, Any]
+Schema = dict[str, Any]
 
 ENFORCED_KEYWORDS = ("type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf",
                      "oneOf (as anyOf)", "allOf (merged)", "$ref (local)", "minItems", "maxItems", "minLength",
@@ -30,7 +31,7 @@ class SchemaError(ValueError):
 class Grammar:
     """A schema made ready to follow: local references resolved against its root."""
 
-    def __init__(self, schema: Optional[Schema]):
+    def __init__(self, schema: Schema | None):
         self.root: Schema = schema if schema is not None else {}
 
     def resolve(self, schema: Any) -> Schema:
@@ -55,7 +56,7 @@ class Grammar:
             schema = {**target, **rest} if isinstance(target, dict) else rest
         return schema if isinstance(schema, dict) else {}
 
-    def alternatives(self, schema: Any, depth: int = 0) -> List[Schema]:
+    def alternatives(self, schema: Any, depth: int = 0) -> list[Schema]:
         """The schema as a list of plain alternatives: anyOf / oneOf spelled out, allOf merged."""
         schema = self.resolve(schema)
         if depth > MAX_REF_DEPTH:
@@ -68,7 +69,7 @@ class Grammar:
         for keyword in ("anyOf", "oneOf"):
             if isinstance(schema.get(keyword), list) and schema[keyword]:
                 base = {key: value for key, value in schema.items() if key not in ("anyOf", "oneOf")}
-                found: List[Schema] = []
+                found: list[Schema] = []
                 for part in schema[keyword]:
                     found.extend(self.alternatives(merge(base, self.resolve(part)), depth + 1))
                 return found
@@ -85,7 +86,7 @@ def merge(base: Schema, extra: Schema) -> Schema:
     return merged
 
 
-def kinds_of(schema: Schema) -> Tuple[str, ...]:
+def kinds_of(schema: Schema) -> tuple[str, ...]:
     """The JSON kinds a plain alternative allows, "integer" kept apart from "number"."""
     declared = schema.get("type")
     if isinstance(declared, str):
@@ -99,7 +100,7 @@ def kinds_of(schema: Schema) -> Tuple[str, ...]:
     return KINDS
 
 
-def literals_of(schema: Schema) -> Optional[List[str]]:
+def literals_of(schema: Schema) -> list[str] | None:
     """The JSON texts an enum or const allows (spelled the ways models write them), or None."""
     if "const" in schema:
         values = [schema["const"]]
@@ -107,7 +108,7 @@ def literals_of(schema: Schema) -> Optional[List[str]]:
         values = schema["enum"]
     else:
         return None
-    texts: List[str] = []
+    texts: list[str] = []
     for value in values:
         for text in (json.dumps(value, ensure_ascii=False), json.dumps(value),
                      json.dumps(value, ensure_ascii=False, separators=(",", ":"))):
@@ -143,17 +144,17 @@ def minimal_value(grammar: Grammar, schema: Any, depth: int = 0) -> str:
     return "null"
 
 
-def int_keyword(schema: Schema, keyword: str, default: Optional[int]) -> Any:
+def int_keyword(schema: Schema, keyword: str, default: int | None) -> Any:
     value = schema.get(keyword, default)
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
-def required_keys(schema: Schema) -> List[str]:
+def required_keys(schema: Schema) -> list[str]:
     required = schema.get("required", [])
     return [key for key in required if isinstance(key, str)] if isinstance(required, list) else []
 
 
-def opening_for(grammar: Grammar, option: Schema, bad: Optional[str]) -> str:
+def opening_for(grammar: Grammar, option: Schema, bad: str | None) -> str:
     """How a value of option begins, guessed from the character the model wrote instead."""
     literals = literals_of(option)
     if literals is not None:
@@ -177,7 +178,7 @@ def opening_for(grammar: Grammar, option: Schema, bad: Optional[str]) -> str:
     return ""
 
 
-def best_literal(literals: Sequence[str], written: str, bad: Optional[str]) -> str:
+def best_literal(literals: Sequence[str], written: str, bad: str | None) -> str:
     """The rest of the literal that best goes on from written (the one whose next character is bad,
     ignoring case, or the first)."""
     matching = [text for text in literals if text.startswith(written)]

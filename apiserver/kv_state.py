@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # Offsets in LLModelWrapper (x86-64 and arm64, libstdc++ and libc++): the vector's three pointers, n_past.
 VECTOR_BEGIN, VECTOR_END, VECTOR_CAPACITY, N_PAST = 0x08, 0x10, 0x18, 0x20
@@ -58,7 +59,7 @@ def cxx_allocator() -> Any:
     return allocate, free
 
 
-def mapped_file(address: int) -> Optional[str]:
+def mapped_file(address: int) -> str | None:
     """The file whose mapping holds address (/proc/self/maps), or None."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
@@ -97,7 +98,7 @@ class NativeContext:
         function.restype = None  # the vector comes back through the first (hidden) pointer
         return function
 
-    def tokenize(self, text: str) -> List[int]:
+    def tokenize(self, text: str) -> list[int]:
         """The ids gpt4all gives text (special tokens parsed); a BOS first when the model adds one
         and the last prompt started from an empty context."""
         data = text.encode("utf-8")
@@ -129,7 +130,7 @@ class NativeContext:
                 and (end - begin) // TOKEN_BYTES == context.tokens_size
                 and ctypes.c_int32.from_address(self.handle + N_PAST).value == context.n_past)
 
-    def tokens(self) -> List[int]:
+    def tokens(self) -> list[int]:
         """The ids in the context, in order (what gpt4all evaluated and generated)."""
         begin, end = self.pointer(VECTOR_BEGIN), self.pointer(VECTOR_END)
         count = (end - begin) // TOKEN_BYTES

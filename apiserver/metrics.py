@@ -16,7 +16,8 @@ import dataclasses
 import math
 import socket
 import struct
-from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Tuple
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 PREFIX = "gpt4all_api_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -30,7 +31,7 @@ MAX_ROUTES = 64  # route labels kept; a report naming yet another counts as "oth
 class Histogram:
     """Cumulative buckets, sum and count, as Prometheus' histogram type wants them."""
 
-    def __init__(self, bounds: Tuple[float, ...]) -> None:
+    def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * len(bounds)
         self.sum = 0.0
@@ -43,7 +44,7 @@ class Histogram:
         self.sum += value
         self.count += 1
 
-    def samples(self, name: str, labels: Dict[str, str]) -> List[str]:
+    def samples(self, name: str, labels: dict[str, str]) -> list[str]:
         lines = [sample(f"{name}_bucket", {**labels, "le": number(bound)}, count)
                  for bound, count in zip(self.bounds, self.counts)]
         lines.append(sample(f"{name}_bucket", {**labels, "le": "+Inf"}, self.count))
@@ -54,7 +55,7 @@ def as_count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-def as_seconds(value: Any) -> Optional[float]:
+def as_seconds(value: Any) -> float | None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
     return float(value) if ok else None
 
@@ -63,14 +64,14 @@ class Totals:
     """What the finished requests reported, since the watchdog started."""
 
     def __init__(self) -> None:
-        self.requests: Dict[Tuple[str, str], int] = collections.Counter()
+        self.requests: dict[tuple[str, str], int] = collections.Counter()
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.prompt_cache_hits = 0  # generations that went on from a context already evaluated
         self.prompt_cache_tokens = 0  # prompt tokens those did not evaluate
-        self.durations: Dict[str, Histogram] = {}
+        self.durations: dict[str, Histogram] = {}
         self.first_token = Histogram(FIRST_TOKEN_BUCKETS)
-        self.speeds: Deque[float] = collections.deque(maxlen=RECENT_GENERATIONS)
+        self.speeds: collections.deque[float] = collections.deque(maxlen=RECENT_GENERATIONS)
 
     def add(self, report: Mapping[str, Any]) -> None:
         """One finished request: {"route", "status", "seconds"} and, for a generation,
@@ -102,14 +103,14 @@ class Box:
     """What is true at the time of the scrape."""
     model: str
     started_wall: float  # time.time() when the watchdog (or the lone server) started
-    workers: Dict[str, int]  # by state
+    workers: dict[str, int]  # by state
     restarts: Mapping[str, int]  # by cause, since the start
     crashes: int = 0
     running: int = 0  # generations running
     waiting: int = 0  # generations waiting for a slot (the queue)
     slots: int = 1  # generations allowed to run at once ([watchdog] workers)
-    backlog: Optional[int] = None  # connections the kernel holds that no worker accepted yet
-    model_load_seconds: Optional[float] = None
+    backlog: int | None = None  # connections the kernel holds that no worker accepted yet
+    model_load_seconds: float | None = None
     prompt_cache_entries: int = 0  # saved contexts the watchdog keeps
     prompt_cache_bytes: int = 0  # the memory they hold
 
@@ -126,19 +127,19 @@ def number(value: float) -> str:
     return repr(float(value))
 
 
-def sample(name: str, labels: Dict[str, str], value: float) -> str:
+def sample(name: str, labels: dict[str, str], value: float) -> str:
     text = ",".join(f'{key}="{escape(str(item))}"' for key, item in labels.items())
     return f"{name}{{{text}}} {number(value)}" if text else f"{name} {number(value)}"
 
 
-def family(name: str, kind: str, help_text: str, lines: Iterable[str]) -> List[str]:
+def family(name: str, kind: str, help_text: str, lines: Iterable[str]) -> list[str]:
     return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *lines]
 
 
 def render(totals: Totals, box: Box) -> str:
     """The exposition text: every family, always present (zero until something happens)."""
     p = PREFIX
-    out: List[str] = []
+    out: list[str] = []
     out += family(f"{p}info", "gauge", "The model served, as a label; always 1.", [sample(f"{p}info", {"model": box.model}, 1)])
     out += family(f"{p}start_time_seconds", "gauge", "Unix time the watchdog (or the lone server) started.",
                   [sample(f"{p}start_time_seconds", {}, round(box.started_wall, 3))])
@@ -190,19 +191,20 @@ def render(totals: Totals, box: Box) -> str:
     return "\n".join(out) + "\n"
 
 
-def generation_report(route: str, status: int, seconds: Optional[float], completion: Any = None) -> Dict[str, Any]:
+def generation_report(route: str, status: int, seconds: float | None, completion: Any = None) -> dict[str, Any]:
     """The report of one finished request; completion is the engine's Completion, if it generated."""
-    report: Dict[str, Any] = {"route": route, "status": status,
+    report: dict[str, Any] = {"route": route, "status": status,
                               "seconds": None if seconds is None else round(seconds, 6)}
     if completion is not None:
         report.update(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-                      cached_tokens=completion.cached_tokens, first_token_seconds=round(completion.queue_seconds + completion.prompt_seconds, 6))
+                      cached_tokens=completion.cached_tokens,
+                      first_token_seconds=round(completion.queue_seconds + completion.prompt_seconds, 6))
         if completion.generation_seconds > 0 and completion.completion_tokens:
             report["tokens_per_second"] = round(completion.completion_tokens / completion.generation_seconds, 3)
     return report
 
 
-def accept_queue_length(listener: socket.socket) -> Optional[int]:
+def accept_queue_length(listener: socket.socket) -> int | None:
     """Connections waiting in a listening TCP socket's accept queue (Linux: tcp_info's unacked
     field holds it for a listening socket); None where that cannot be read."""
     try:

@@ -8,8 +8,6 @@ and metrics.
 
 from __future__ import annotations
 
-from typing import List
-
 from apiserver.api import ApiError, App, Reply, Request, Route
 from apiserver.metrics import CONTENT_TYPE
 from apiserver.settings import Settings
@@ -23,5 +21,5 @@ def handle_metrics(app: App, request: Request) -> Reply:
     return Reply(200, {"Content-Type": CONTENT_TYPE}, text.encode("utf-8"))
 
 
-def routes(settings: Settings) -> List[Route]:
+def routes(settings: Settings) -> list[Route]:
     return [Route("/metrics", {"GET": handle_metrics}, public=lambda settings: settings.metrics_public)]

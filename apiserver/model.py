@@ -15,8 +15,9 @@ import io
 import logging
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable
 
 from apiserver.cpu_share import usable_cpus
 from apiserver.settings import DEFAULT_MODEL_NAME, Settings
@@ -33,7 +34,7 @@ class CannotLoad(Exception):
     """The config or the model cannot load: the process exits with EXIT_CANNOT_LOAD."""
 
 
-def default_model_parts() -> List[Path]:
+def default_model_parts() -> list[Path]:
     """Find the model's parts through the packages' metadata, without importing them."""
     parts = []
     for package, relative in DEFAULT_MODEL_PARTS:
@@ -43,7 +44,8 @@ def default_model_parts() -> List[Path]:
             raise CannotLoad(f"the default model's part {package} is not installed; run: {INSTALL_HINT}") from None
         path = Path(str(distribution.locate_file(relative)))
         if not path.is_file():
-            raise CannotLoad(f"{package} is installed but {path} is missing; run: pip install --force-reinstall -r requirements.txt")
+            raise CannotLoad(f"{package} is installed but {path} is missing; "
+                             "run: pip install --force-reinstall -r requirements.txt")
         parts.append(path)
     return parts
 
@@ -109,11 +111,11 @@ GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 
 GGUF_STRING, GGUF_ARRAY = 8, 9
 
 
-def read_gguf_metadata(path: Path, wanted: Optional[Iterable[str]]) -> Dict[str, Any]:
+def read_gguf_metadata(path: Path, wanted: Iterable[str] | None) -> dict[str, Any]:
     """Read the wanted keys (None: every key) from a GGUF header (stdlib only; arrays are skipped,
     not parsed, and read as None)."""
     wanted = None if wanted is None else set(wanted)
-    found: Dict[str, Any] = {}
+    found: dict[str, Any] = {}
     with open(path, "rb") as raw:
         handle = io.BufferedReader(raw, 1 << 20)
 
@@ -164,13 +166,13 @@ class ChatTemplate:
     message: str  # one message
     assistant_prompt: str  # opens the answer
     end: str  # ends a message; always a stop string
-    roles: Dict[str, str] = dataclasses.field(default_factory=dict)  # role renames
+    roles: dict[str, str] = dataclasses.field(default_factory=dict)  # role renames
     system_in_first_user: bool = False  # the family has no system role
     # The special tokens that begin a turn: a prompt may be cut where one starts (turns.py), since
     # the tokenizer splits the text at special tokens first, so the two parts tokenize as the whole.
-    turn_start: Tuple[str, ...] = ()
+    turn_start: tuple[str, ...] = ()
 
-    def render(self, messages: List[Dict[str, str]]) -> str:
+    def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt for a conversation, opened for the assistant's answer."""
         if self.system_in_first_user and messages and messages[0]["role"] == "system":
             system, rest = messages[0]["content"], list(messages[1:])
@@ -203,7 +205,7 @@ TEMPLATE_MARKERS = [("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"
                     ("<start_of_turn>", "gemma"), ("<|assistant|>", "phi3")]
 
 
-def detect_template(jinja: Optional[str]) -> ChatTemplate:
+def detect_template(jinja: str | None) -> ChatTemplate:
     """The family of a GGUF's tokenizer.chat_template; plain when unknown or absent."""
     for marker, name in TEMPLATE_MARKERS:
         if jinja and marker in jinja:

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 from apiserver.model import DEFAULT_MODEL_SHA256, DEFAULT_MODEL_SIZE, read_gguf_metadata
 from apiserver.settings import DEFAULT_MODEL_NAME, Settings
@@ -28,7 +28,7 @@ FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9:
               26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16"}
 
 
-def rfc3339(timestamp: Optional[float] = None) -> str:
+def rfc3339(timestamp: float | None = None) -> str:
     """Now (or timestamp) in local time with its offset, as Ollama writes times."""
     moment = datetime.datetime.fromtimestamp(time.time() if timestamp is None else timestamp).astimezone()
     return moment.isoformat(timespec="microseconds")
@@ -64,13 +64,13 @@ def file_digest(path: Path, size: int, mtime_ns: int, settings: Settings) -> str
 
 
 @functools.lru_cache(maxsize=4)
-def gguf_header(path: str, size: int, mtime_ns: int) -> Dict[str, Any]:
+def gguf_header(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
     """The whole GGUF header, read once per file version and process (a long-lived worker or the
     zygote, whose forked workers inherit it)."""
     return read_gguf_metadata(Path(path), None)
 
 
-def model_description(settings: Settings, name: str, with_info: bool = False) -> Dict[str, Any]:
+def model_description(settings: Settings, name: str, with_info: bool = False) -> dict[str, Any]:
     """One model as Ollama lists it; with_info adds model_info (the GGUF header's scalar keys) and
     chat_template."""
     path = settings.model_file
@@ -78,12 +78,12 @@ def model_description(settings: Settings, name: str, with_info: bool = False) ->
     metadata = gguf_header(str(path), stat.st_size, stat.st_mtime_ns)
     family = str(metadata.get("general.architecture", ""))
     size_label = metadata.get("general.size_label") or parameter_size(metadata.get("general.parameter_count"))
-    description: Dict[str, Any] = {
+    description: dict[str, Any] = {
         "name": name, "model": name, "modified_at": rfc3339(stat.st_mtime), "size": stat.st_size,
         "digest": file_digest(path, stat.st_size, stat.st_mtime_ns, settings),
         "details": {"parent_model": "", "format": "gguf", "family": family, "families": [family] if family else [],
                     "parameter_size": size_label or "", "quantization_level":
-                        FILE_TYPES.get(metadata.get("general.file_type"), "unknown")}}
+                        FILE_TYPES.get(int(metadata.get("general.file_type") or -1), "unknown")}}
     if with_info:
         description["model_info"] = {key: value for key, value in metadata.items()
                                      if value is not None and key != "tokenizer.chat_template"}

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Sequence
+from typing import Any, Callable
 
 from apiserver.api import ApiError, App, Reply, Request, Route, as_api_error, json_reply
 from apiserver.chat import Answer, ChatRequest, StreamedAnswer, answer_once, build_chat
-from apiserver.json_output import check_schema
 from apiserver.engine import ClientGone, GenerationParams
 from apiserver.fields import parse_body_fields, parse_generation_params, read_flag, read_text
+from apiserver.json_output import check_schema
 from apiserver.model_facts import model_description, rfc3339
 from apiserver.settings import Settings
 from apiserver.tool_formats import ToolCall
@@ -49,7 +50,7 @@ def check_model(app: App, name: Any) -> None:
         raise ApiError(404, f"model '{name}' not found", "model_not_found", "model") from None
 
 
-def parse_options(app: App, fields: Dict[str, Any]) -> GenerationParams:
+def parse_options(app: App, fields: dict[str, Any]) -> GenerationParams:
     """Ollama's options onto the shared sampling fields; unknown options are ignored."""
     options = fields.get("options") or {}
     if not isinstance(options, dict):
@@ -72,7 +73,7 @@ def parse_options(app: App, fields: Dict[str, Any]) -> GenerationParams:
         raise ApiError(error.status, message, error.code, f"options.{theirs}") from None
 
 
-def parse_format(fields: Dict[str, Any]) -> Tuple[bool, Optional[Dict[str, Any]]]:
+def parse_format(fields: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
     """format: "json", or a JSON schema object."""
     value = fields.get("format")
     if value in (None, ""):
@@ -84,11 +85,11 @@ def parse_format(fields: Dict[str, Any]) -> Tuple[bool, Optional[Dict[str, Any]]
     raise ApiError(400, "'format' must be \"json\" or a JSON schema object", "invalid_value", "format")
 
 
-def unloading(fields: Dict[str, Any]) -> bool:
+def unloading(fields: dict[str, Any]) -> bool:
     return fields.get("keep_alive") in (0, "0", "0s", "0m")
 
 
-def parse_messages(fields: Dict[str, Any]) -> List[Dict[str, Any]]:
+def parse_messages(fields: dict[str, Any]) -> list[dict[str, Any]]:
     messages = fields.get("messages")
     if messages is None:
         return []
@@ -102,7 +103,7 @@ def parse_messages(fields: Dict[str, Any]) -> List[Dict[str, Any]]:
         content = message.get("content") or ""
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{index}].content must be a string", "invalid_type", f"messages[{index}]")
-        item: Dict[str, Any] = {"role": message["role"], "content": content}
+        item: dict[str, Any] = {"role": message["role"], "content": content}
         calls = message.get("tool_calls") or []
         if message["role"] == "assistant" and calls:
             functions = [call.get("function") if isinstance(call, dict) else None for call in calls] \
@@ -111,12 +112,13 @@ def parse_messages(fields: Dict[str, Any]) -> List[Dict[str, Any]]:
                        and isinstance(function.get("arguments", {}), dict) for function in functions):
                 raise ApiError(400, f"messages[{index}].tool_calls must be [{{\"function\": {{\"name\", "
                                     "\"arguments\": {{…}}}}}}]", "invalid_value", f"messages[{index}]")
-            item["tool_calls"] = [ToolCall(function["name"], function.get("arguments") or {}) for function in functions]
+            item["tool_calls"] = [ToolCall(function["name"], function.get("arguments") or {})
+                                  for function in functions if isinstance(function, dict)]
         parsed.append(item)
     return parsed
 
 
-def done_fields(answer: Answer, started: float) -> Dict[str, Any]:
+def done_fields(answer: Answer, started: float) -> dict[str, Any]:
     """The final object's counts as Ollama gives them: prompt_eval_count is the whole prompt, its
     cached part (reused, not evaluated) in prompt_eval_cached_count when there is one (Ollama's
     own field since its prompt caching; older clients ignore it)."""
@@ -174,7 +176,7 @@ def handle_generate(app: App, request: Request) -> Reply:
     return ollama_answer(app, request, fields, chat, chat_shape=False)
 
 
-def ollama_answer(app: App, request: Request, fields: Dict[str, Any], chat: ChatRequest, chat_shape: bool) -> Reply:
+def ollama_answer(app: App, request: Request, fields: dict[str, Any], chat: ChatRequest, chat_shape: bool) -> Reply:
     """The answer, streamed as NDJSON (Ollama's default) or as one object."""
     app.require_runner()
     started = time.monotonic()
@@ -196,11 +198,11 @@ class Framing:
     def __init__(self, model: str, chat_shape: bool):
         self.model, self.chat_shape = model, chat_shape
 
-    def piece(self, text: str, calls: List[ToolCall] = ()) -> Dict[str, Any]:
+    def piece(self, text: str, calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
         head = {"model": self.model, "created_at": rfc3339()}
         if not self.chat_shape:
             return {**head, "response": text, "done": False}
-        message: Dict[str, Any] = {"role": "assistant", "content": text}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
         if calls:
             message["tool_calls"] = [{"function": {"name": call.name, "arguments": call.arguments}} for call in calls]
         return {**head, "message": message, "done": False}
@@ -234,7 +236,7 @@ class LineStream:
                 raise
             self.send({"error": as_api_error(error, f"streaming {self.request.path}").message})
 
-    def send(self, document: Dict[str, Any]) -> None:
+    def send(self, document: dict[str, Any]) -> None:
         self.opened = True
         self.emit(json.dumps(document, ensure_ascii=False).encode("utf-8") + b"\n")
 
@@ -281,7 +283,7 @@ def handle_pull(app: App, request: Request) -> Reply:
     return json_reply(200, {"status": "success"})
 
 
-def routes(settings: Settings) -> List[Route]:
+def routes(settings: Settings) -> list[Route]:
     table = {"/api/chat": {"POST": handle_chat}, "/api/generate": {"POST": handle_generate},
              "/api/tags": {"GET": handle_tags}, "/api/ps": {"GET": handle_ps}, "/api/show": {"POST": handle_show},
              "/api/version": {"GET": handle_version}, "/api/pull": {"POST": handle_pull},

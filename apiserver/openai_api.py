@@ -14,11 +14,11 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable
 
 from apiserver.api import App, Reply, Request, Route, as_api_error, error_reply, json_reply
-from apiserver.engine import ClientGone, Completion
 from apiserver.chat import StreamedAnswer, answer_once
+from apiserver.engine import ClientGone, Completion
 from apiserver.openai_fields import OpenAIRequest, parse_chat_request, parse_completion_request, system_fingerprint
 from apiserver.settings import Settings
 from apiserver.tool_formats import ToolCall
@@ -29,7 +29,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
                "X-Accel-Buffering": "no"}
 
 
-def model_object(app: App) -> Dict[str, Any]:
+def model_object(app: App) -> dict[str, Any]:
     return {"id": app.settings.model_id, "object": "model", "created": int(app.started_wall), "owned_by": "gpt4all_api"}
 
 
@@ -50,7 +50,7 @@ def handle_completions(app: App, request: Request) -> Reply:
     return openai_completion(app, request, parse_completion_request(app, request))
 
 
-def tool_call_object(call: ToolCall, index: Optional[int] = None) -> Dict[str, Any]:
+def tool_call_object(call: ToolCall, index: int | None = None) -> dict[str, Any]:
     head = {} if index is None else {"index": index}
     return {**head, "id": call.id, "type": "function",
             "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
@@ -72,7 +72,7 @@ def openai_completion(app: App, request: Request, oai: OpenAIRequest) -> Reply:
         if not oai.is_chat:
             choices.append({"index": index, "text": answer.text, "logprobs": None, "finish_reason": answer.finish})
             continue
-        message: Dict[str, Any] = {"role": "assistant", "content": answer.text or (None if answer.calls else "")}
+        message: dict[str, Any] = {"role": "assistant", "content": answer.text or (None if answer.calls else "")}
         if answer.calls:
             message["tool_calls"] = [tool_call_object(call) for call in answer.calls]
         choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": answer.finish})
@@ -81,11 +81,11 @@ def openai_completion(app: App, request: Request, oai: OpenAIRequest) -> Reply:
     return reply
 
 
-def new_usage() -> Dict[str, Any]:
+def new_usage() -> dict[str, Any]:
     return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
-def add_usage(usage: Dict[str, Any], completion: Completion) -> None:
+def add_usage(usage: dict[str, Any], completion: Completion) -> None:
     """Sum a completion into usage; cached_tokens: its prompt tokens the evaluated system prompt spared."""
     for key, value in completion.usage().items():
         usage[key] += value
@@ -99,7 +99,7 @@ class EventStream:
     until it is known to be one (or not). An error after the first event becomes the last event;
     before it, it propagates and becomes an ordinary error reply."""
 
-    def __init__(self, app: App, request: Request, oai: OpenAIRequest, head: Dict[str, Any], reply: Reply):
+    def __init__(self, app: App, request: Request, oai: OpenAIRequest, head: dict[str, Any], reply: Reply):
         self.app, self.request, self.oai, self.chat, self.head, self.reply = app, request, oai, oai.chat, head, reply
         self.emit: Callable[[bytes], None] = lambda data: None
         self.opened = False
@@ -132,26 +132,26 @@ class EventStream:
                 raise
             self.emit(b"data: " + error_reply(as_api_error(error, f"streaming {self.request.path}")).body + b"\n\n")
 
-    def send_delta(self, delta: Dict[str, Any], finish: Optional[str] = None) -> None:
+    def send_delta(self, delta: dict[str, Any], finish: str | None = None) -> None:
         """A chat chunk of this choice; its role chunk goes first."""
         if self.role_sent < self.index:
             self.role_sent = self.index
             self.send_delta({"role": "assistant", "content": ""})
         self.send([{"index": self.index, "delta": delta, "logprobs": None, "finish_reason": finish}])
 
-    def send_choice(self, text: Optional[str], finish: Optional[str]) -> None:
+    def send_choice(self, text: str | None, finish: str | None) -> None:
         if not self.oai.is_chat:
             self.send([{"index": self.index, "text": text or "", "logprobs": None, "finish_reason": finish}])
         else:
             self.send_delta({"content": text} if text is not None else {}, finish)
 
-    def send(self, choices: List[Dict[str, Any]], **extra: Any) -> None:
+    def send(self, choices: list[dict[str, Any]], **extra: Any) -> None:
         self.opened = True
         document = {**self.head, "choices": choices, **({"usage": None} if self.oai.include_usage else {}), **extra}
         self.emit(b"data: " + json.dumps(document, ensure_ascii=False).encode("utf-8") + b"\n\n")
 
 
-def routes(settings: Settings) -> List[Route]:
+def routes(settings: Settings) -> list[Route]:
     """The /v1 routes, and the same without the prefix, for clients whose base URL has none."""
     table = []
     for prefix in ("/v1", ""):

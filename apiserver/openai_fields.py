@@ -12,14 +12,14 @@ import dataclasses
 import functools
 import hashlib
 import json
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from apiserver.api import ApiError, App, Request
+from apiserver.chat import ChatRequest, build_chat
 from apiserver.engine import GenerationParams
 from apiserver.fields import parse_body_fields, parse_generation_params, read_flag, read_number
-from apiserver.settings import Settings
-from apiserver.chat import ChatRequest, build_chat
 from apiserver.json_output import check_schema
+from apiserver.settings import Settings
 from apiserver.tool_formats import ToolCall, new_call_id
 
 API_VERSION = "gpt4all_api-2"  # part of the system fingerprint: changes when answers may change
@@ -83,7 +83,7 @@ def parse_history_call(call: Any, param: str) -> ToolCall:
     return ToolCall(function["name"], arguments, id=str(call.get("id") or new_call_id()))
 
 
-def parse_messages(fields: Dict[str, Any]) -> List[Dict[str, Any]]:
+def parse_messages(fields: dict[str, Any]) -> list[dict[str, Any]]:
     """OpenAI chat messages -> [{"role", "content"}] with text content, plus "tool_calls" on an
     assistant message and "tool_call_id" on a tool result."""
     messages = fields.get("messages")
@@ -103,7 +103,7 @@ def parse_messages(fields: Dict[str, Any]) -> List[Dict[str, Any]]:
         content = message.get("content")
         if content is None and role == "assistant":
             content = ""
-        item: Dict[str, Any] = {"role": role, "content": text_content(content, param)}
+        item: dict[str, Any] = {"role": role, "content": text_content(content, param)}
         if role == "assistant" and message.get("tool_calls"):
             calls = message["tool_calls"]
             if not isinstance(calls, list):
@@ -118,7 +118,7 @@ def parse_messages(fields: Dict[str, Any]) -> List[Dict[str, Any]]:
     return parsed
 
 
-def parse_tools(fields: Dict[str, Any]) -> List[Dict[str, Any]]:
+def parse_tools(fields: dict[str, Any]) -> list[dict[str, Any]]:
     tools = fields.get("tools") or []
     if not isinstance(tools, list):
         raise ApiError(400, "'tools' must be a list", "invalid_type", "tools")
@@ -134,7 +134,7 @@ def parse_tools(fields: Dict[str, Any]) -> List[Dict[str, Any]]:
     return tools
 
 
-def parse_tool_choice(fields: Dict[str, Any], names: List[str]) -> Optional[str]:
+def parse_tool_choice(fields: dict[str, Any], names: list[str]) -> str:
     """"auto", "none", "required", or the name of the function to call."""
     choice = fields.get("tool_choice")
     if choice is None:
@@ -152,7 +152,7 @@ def parse_tool_choice(fields: Dict[str, Any], names: List[str]) -> Optional[str]
     return name
 
 
-def parse_response_format(fields: Dict[str, Any]) -> Tuple[bool, Optional[Dict[str, Any]]]:
+def parse_response_format(fields: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
     """(JSON mode, the schema) of response_format."""
     response_format = fields.get("response_format")
     if response_format is None:
@@ -174,7 +174,7 @@ def parse_response_format(fields: Dict[str, Any]) -> Tuple[bool, Optional[Dict[s
                    "invalid_value", "response_format.type")
 
 
-def parse_openai_params(fields: Dict[str, Any], settings: Settings) -> GenerationParams:
+def parse_openai_params(fields: dict[str, Any], settings: Settings) -> GenerationParams:
     """The sampling fields, with OpenAI's names: max_completion_tokens, and the presence and frequency
     penalties mapped onto gpt4all's single repeat penalty (see the README)."""
     max_tokens = read_number(fields, "max_tokens", int, settings.max_tokens, 1, 1 << 31)
@@ -186,7 +186,7 @@ def parse_openai_params(fields: Dict[str, Any], settings: Settings) -> Generatio
     return dataclasses.replace(params, max_tokens=min(max_tokens, settings.max_tokens_limit))
 
 
-def parse_common(app: App, request: Request) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def parse_common(app: App, request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
     """The fields both routes share, checked: (fields, ChatRequest keyword arguments)."""
     fields = parse_body_fields(request)
     if fields.get("model") is not None:

@@ -26,11 +26,11 @@ import select
 import signal
 import struct
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable
 
 log = logging.getLogger("gpt4all_api")
 
-Ranges = List[Tuple[int, int]]  # (address, length in bytes)
+Ranges = list[tuple[int, int]]  # (address, length in bytes)
 MADV_POPULATE_WRITE = 23
 PRESENT, EXCLUSIVE, FILE_OR_SHARED = 1 << 63, 1 << 56, 1 << 61  # /proc/PID/pagemap entry bits
 PROBE_TIMEOUT = 60.0
@@ -38,7 +38,7 @@ LEARN_FROM = 12  # workers that report the pages they wrote: each costs it 30 - 
 MAX_LEARNED = 64 << 20  # bytes: a bound on each forked worker's pre-warm copy
 
 
-def memory_mappings(maps: Optional[str] = None) -> List[Tuple[int, int, str, int, str]]:
+def memory_mappings(maps: str | None = None) -> list[tuple[int, int, str, int, str]]:
     """This process's mappings, from /proc/self/maps (or the text given): (address, length,
     permissions, offset in the file, path or "")."""
     if maps is None:

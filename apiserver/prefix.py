@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from apiserver.model import PROMPT_AS_IS, ChatTemplate
 from apiserver.settings import Settings
@@ -42,7 +42,7 @@ def prefix_text(template: ChatTemplate, system_prompt: str) -> str:
 
 
 def evaluate_prefix(model: Any, settings: Settings, template: ChatTemplate,
-                    tokenizer: Optional[PromptTokenizer]) -> Optional[Prefix]:
+                    tokenizer: PromptTokenizer | None) -> Prefix | None:
     """Evaluate the configured system prompt's turn into the model's context, in the batch size
     every evaluation uses (turns.batch_size). None: off, no system prompt to cache, no tokenizer
     (then nothing can be cut: reuse_setup.py), or it does not fit the context."""
@@ -61,7 +61,7 @@ def evaluate_prefix(model: Any, settings: Settings, template: ChatTemplate,
     return Prefix(text, n_past)
 
 
-def pre_warm(model: Any, settings: Settings, template: ChatTemplate, prefix: Optional[Prefix]) -> None:
+def pre_warm(model: Any, settings: Settings, template: ChatTemplate, prefix: Prefix | None) -> None:
     """A request's work in small: a short user turn after the prefix and one sampled token. The
     zygote's page probe (pages.py) runs it to learn which pages a generation writes. The context
     goes back to the prefix."""

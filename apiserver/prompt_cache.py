@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Collection, List, NamedTuple, Optional, Sequence
+from collections.abc import Collection, Sequence
+from typing import Any, NamedTuple
 
 from apiserver.cache_entry import InvalidEntry, memory_file, open_state, read_header, write_entry
 from apiserver.kv_state import NativeContext
@@ -30,7 +31,7 @@ LOOKUP_TIMEOUT = 5.0  # seconds: the watchdog waits up to cache_store.PENDING_WA
 
 class Lookup(NamedTuple):
     number: int  # the link's number for it
-    offsets: List[int]  # the boundaries whose names were sent, in order
+    offsets: list[int]  # the boundaries whose names were sent, in order
 
 
 class RestoreFailed(Exception):
@@ -48,12 +49,13 @@ class PromptCache:
                  tokenizer: PromptTokenizer):
         assert setup.fingerprint is not None and setup.state_size is not None and setup.state_facts is not None
         self.model, self.setup, self.link, self.native, self.tokenizer = model, setup, link, native, tokenizer
+        self.fingerprint, self.state_size, self.state_facts = setup.fingerprint, setup.state_size, setup.state_facts
         self.bound = self.native.state_size_bound()
-        self.restored: Optional[int] = None  # the entry restored for the generation running
+        self.restored: int | None = None  # the entry restored for the generation running
         self.saves = False  # this worker exits after its current request: it saves its context then
         self.announced = False
 
-    def ask(self, prompt: str, offsets: Sequence[int], local: int) -> Optional[Lookup]:
+    def ask(self, prompt: str, offsets: Sequence[int], local: int) -> Lookup | None:
         """Ask the watchdog which entry holds the longest prefix of prompt ending at one of its
         boundaries (offsets) beyond local (where this process could start); restore() takes the
         answer, so that the caller works meanwhile. None: nothing to ask."""
@@ -64,7 +66,7 @@ class PromptCache:
         names = prefix_hashes(prompt, positive)
         return Lookup(self.link.ask_cache(b"".join(names[beyond[0]:])), positive[beyond[0]:])
 
-    def restore(self, lookup: Lookup, prompt: str, usable: Collection[int]) -> Optional[Evaluated]:
+    def restore(self, lookup: Lookup, prompt: str, usable: Collection[int]) -> Evaluated | None:
         """The answer's entry, checked and restored if it holds a usable boundary (one leaving
         enough tokens to evaluate): n_past set, its marks up to there returned. None: nothing
         better, keep the context as it is. RestoreFailed: the context is now undefined."""
@@ -79,13 +81,13 @@ class PromptCache:
             return None
         started = time.monotonic()
         try:
-            entry = read_header(fd, self.setup.fingerprint)
+            entry = read_header(fd, self.fingerprint)
             n_past = dict(entry.evaluated.marks).get(offset)
             if n_past is None or not prompt.startswith(entry.evaluated.text[:offset]):
                 raise InvalidEntry("it does not hold the prefix it was found for")
             if list(entry.tokens[:n_past]) != self.tokenizer.ids(prompt[:offset], from_empty=True):
                 raise InvalidEntry("its tokens are not this prompt's")
-            state = open_state(fd, entry, self.setup.state_facts)
+            state = open_state(fd, entry, self.state_facts)
         except (InvalidEntry, OSError) as error:
             log.warning("prompt cache: entry %d not used, the whole prompt is evaluated: %s", number, error)
             self.link.send(MSG_CACHE_BAD, b"%d" % number)
@@ -124,8 +126,8 @@ class PromptCache:
         fd = memory_file()
         try:
             tokens = self.native.tokens()
-            write_entry(fd, self.setup.fingerprint, evaluated, tokens[:evaluated.n_past], self.native.save_state,
-                        self.setup.state_size.estimate(len(tokens)), self.bound)
+            write_entry(fd, self.fingerprint, evaluated, tokens[:evaluated.n_past], self.native.save_state,
+                        self.state_size.estimate(len(tokens)), self.bound)
         except OSError as error:
             log.warning("prompt cache: this context is not saved: %s", error)
             self.link.send(MSG_CACHE_ENTRY)  # the announced entry will not come

@@ -19,8 +19,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable
 
 log = logging.getLogger("gpt4all_api")
 
@@ -57,7 +58,7 @@ def set_process_name(name: str) -> None:
 class Sentinel:
     """The sentinel file: created when ready, its mtime the heartbeat, removed when a restart is due."""
 
-    def __init__(self, path: Optional[Path], every: float = HEARTBEAT_EVERY):
+    def __init__(self, path: Path | None, every: float = HEARTBEAT_EVERY):
         self.path, self.every = path, every
         self.last_touch = 0.0
 
@@ -119,7 +120,7 @@ MAX_MESSAGE = 1 << 20
 MAX_FDS = 4  # file descriptors a message may carry
 
 
-def control_channel() -> Tuple[socket.socket, socket.socket]:
+def control_channel() -> tuple[socket.socket, socket.socket]:
     """(watchdog's end, worker's end), neither inheritable (pass_fds or SCM_RIGHTS hand it over)."""
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
@@ -164,9 +165,9 @@ class WatchdogLink:
         self.channel = socket.socket(fileno=fd)
         self.on_activate: Callable[[], None] = lambda: None
         self.on_running: Callable[[int], None] = lambda running: None
-        self.slot_answers: "queue.Queue[bytes]" = queue.Queue()
-        self.metrics_answers: "queue.Queue[bytes]" = queue.Queue()
-        self.cache_answers: "queue.Queue[Tuple[bytes, List[int]]]" = queue.Queue()
+        self.slot_answers: queue.Queue[bytes] = queue.Queue()
+        self.metrics_answers: queue.Queue[bytes] = queue.Queue()
+        self.cache_answers: queue.Queue[tuple[bytes, list[int]]] = queue.Queue()
         self.query_lock = threading.Lock()
         self.lookups = 0
 
@@ -217,7 +218,7 @@ class WatchdogLink:
         self.send(MSG_CACHE_LOOKUP, number.to_bytes(4, "big") + names)
         return number
 
-    def cache_answer(self, number: int, timeout: float) -> Optional[Tuple[int, int, int]]:
+    def cache_answer(self, number: int, timeout: float) -> tuple[int, int, int] | None:
         """The answer to lookup number: (entry, index of its name, its memory file, ours to close),
         or None (none, or no answer in time). Answers to an earlier lookup that timed out are
         recognised by their number and thrown away."""
@@ -256,14 +257,14 @@ class WatchdogLink:
     def release_slot(self) -> None:
         self.send(MSG_DONE)
 
-    def report(self, fields: Dict[str, Any]) -> None:
+    def report(self, fields: dict[str, Any]) -> None:
         self.send(MSG_REPORT, json.dumps(fields).encode())
 
-    def report_pages(self, ranges: List[Tuple[int, int]]) -> None:
+    def report_pages(self, ranges: list[tuple[int, int]]) -> None:
         """The pages this forked worker wrote, for the zygote's next workers to copy ahead."""
         self.send(MSG_PAGES, json.dumps(ranges).encode())
 
-    def metrics_text(self, timeout: float = 5.0) -> Optional[bytes]:
+    def metrics_text(self, timeout: float = 5.0) -> bytes | None:
         """The box's metrics from the watchdog; None when it does not answer in time."""
         with self.query_lock:
             while not self.metrics_answers.empty():

@@ -25,10 +25,17 @@ import importlib.metadata
 import logging
 import os
 import time
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any
 
-from apiserver.cache_entry import (InvalidEntry, StateSize, memory_file, open_state, read_header, state_facts,
-                                   write_entry)
+from apiserver.cache_entry import (
+    InvalidEntry,
+    StateSize,
+    memory_file,
+    open_state,
+    read_header,
+    state_facts,
+    write_entry,
+)
 from apiserver.kv_state import NativeContext, NativeUnavailable
 from apiserver.model import PROMPT_AS_IS, ChatTemplate
 from apiserver.model_facts import file_digest
@@ -50,36 +57,47 @@ class SelfTestFailed(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ReuseSetup:
-    marker_ids: FrozenSet[int] = frozenset()  # the turn markers' ids (none: nothing is reused)
-    sentinel: Optional[Tuple[str, int]] = None  # a marker and its id, for PromptTokenizer
-    bos: Optional[int] = None  # the id the model puts first in a context (None: nothing)
-    fingerprint: Optional[Dict[str, Any]] = None  # what entries must match; None: no entries
-    state_size: Optional[StateSize] = None
-    state_facts: Optional[Dict[str, int]] = None  # the shape every saved state of this setup has
+    marker_ids: frozenset[int] = frozenset()  # the turn markers' ids (none: nothing is reused)
+    sentinel: tuple[str, int] | None = None  # a marker and its id, for PromptTokenizer
+    bos: int | None = None  # the id the model puts first in a context (None: nothing)
+    fingerprint: dict[str, Any] | None = None  # what entries must match; None: no entries
+    state_size: StateSize | None = None
+    state_facts: dict[str, int] | None = None  # the shape every saved state of this setup has
     entries_off: str = ""  # why there are no entries, for the log
     # The loaded model's native context (kv_state.py); a forked worker inherits the zygote's.
-    native: Optional[NativeContext] = dataclasses.field(default=None, compare=False)
+    native: NativeContext | None = dataclasses.field(default=None, compare=False)
 
-    def tokenizer(self) -> Optional[PromptTokenizer]:
+    def tokenizer(self) -> PromptTokenizer | None:
         """The prompt tokenizer (None: no reuse here)."""
         if self.sentinel is None or self.native is None:
             return None
         return PromptTokenizer(self.native.tokenize, self.sentinel[0], self.sentinel[1], self.bos)
 
 
-def run_prompt(model: Any, text: str, reset: bool, tokens: int, n_batch: int) -> Tuple[List[int], List[int]]:
+class IdRecorder:
+    """A gpt4all callback that keeps the token ids it sees and lets the model go on."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+    def __call__(self, token_id: int, piece: str = "") -> bool:
+        self.ids.append(token_id)
+        return True
+
+
+def run_prompt(model: Any, text: str, reset: bool, tokens: int, n_batch: int) -> tuple[list[int], list[int]]:
     """(prompt ids evaluated, ids generated) of text at temperature 0."""
-    evaluated: List[int] = []
-    generated: List[int] = []
-    model.model._prompt_callback = lambda token_id: evaluated.append(token_id) is None
-    model.model.prompt_model(text, PROMPT_AS_IS, lambda token_id, piece: generated.append(token_id) is None,
+    evaluated: list[int] = []
+    generated: list[int] = []
+    model.model._prompt_callback = IdRecorder(evaluated)
+    model.model.prompt_model(text, PROMPT_AS_IS, IdRecorder(generated),
                              n_predict=tokens, temp=0.0, top_k=1, n_batch=n_batch, reset_context=reset, special=True)
     return evaluated, generated
 
 
-def learn_markers(model: Any, template: ChatTemplate, settings: Settings) -> Tuple[Dict[str, int], Optional[int]]:
+def learn_markers(model: Any, template: ChatTemplate, settings: Settings) -> tuple[dict[str, int], int | None]:
     """({marker: id} of the turn markers that are one special token, the BOS id or None)."""
-    found: Dict[str, int] = {}
+    found: dict[str, int] = {}
     bos = None
     for marker in template.turn_start:
         evaluated, _ = run_prompt(model, marker * 2, reset=True, tokens=0, n_batch=settings.n_batch)
@@ -92,7 +110,7 @@ def learn_markers(model: Any, template: ChatTemplate, settings: Settings) -> Tup
 
 
 def make_fingerprint(native: NativeContext, settings: Settings, template: ChatTemplate,
-                     marker_ids: FrozenSet[int]) -> Dict[str, Any]:
+                     marker_ids: frozenset[int]) -> dict[str, Any]:
     """What an entry must have been written by to be restored here."""
     stat = settings.model_file.stat()
     return {"gpt4all": importlib.metadata.version("gpt4all"), "layout": LAYOUT,
@@ -101,7 +119,7 @@ def make_fingerprint(native: NativeContext, settings: Settings, template: ChatTe
             "markers": sorted(marker_ids)}
 
 
-def save_scratch(native: NativeContext, fingerprint: Dict[str, Any], evaluated: Evaluated) -> Tuple[int, int]:
+def save_scratch(native: NativeContext, fingerprint: dict[str, Any], evaluated: Evaluated) -> tuple[int, int]:
     """The context saved into a new memory file as an entry: (its fd, its state's bytes)."""
     fd = memory_file("gpt4all_api prompt cache self-test")
     try:
@@ -118,9 +136,11 @@ class SelfTest:
     def __init__(self, model: Any, native: NativeContext, settings: Settings, template: ChatTemplate,
                  setup: ReuseSetup):
         self.model, self.native, self.settings, self.template, self.setup = model, native, settings, template, setup
-        self.tokenizer = setup.tokenizer()
+        tokenizer = setup.tokenizer()
+        assert tokenizer is not None, "the self-test runs only where the native context is readable"
+        self.tokenizer = tokenizer
 
-    def run(self, text: str, reset: bool, tokens: int) -> Tuple[List[int], List[int]]:
+    def run(self, text: str, reset: bool, tokens: int) -> tuple[list[int], list[int]]:
         count = len(self.tokenizer.ids(text, from_empty=reset))
         return run_prompt(self.model, text, reset, tokens, batch_size(count, self.settings.n_batch))
 
@@ -131,7 +151,7 @@ class SelfTest:
         if self.tokenizer.ids(prompt, from_empty=True) != evaluated:
             raise SelfTestFailed("gpt4all's tokenizer does not give the ids its evaluation shows")
 
-    def saved_and_restored(self) -> Tuple[Dict[str, Any], StateSize, Dict[str, int]]:
+    def saved_and_restored(self) -> tuple[dict[str, Any], StateSize, dict[str, int]]:
         """Save, overwrite, restore and compare (the module's docstring)."""
         native, template, marker_ids = self.native, self.template, self.setup.marker_ids
         prompt = template.render(SELF_TEST_CHAT)

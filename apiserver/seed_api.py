@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import List
 
 from apiserver.api import App, Reply, Request, Route, json_reply
 from apiserver.fields import parse_body_fields, parse_generation_params, read_text
@@ -28,10 +27,12 @@ def handle_health(app: App, request: Request) -> Reply:
 def handle_prompt(app: App, request: Request) -> Reply:
     """The original project's route: {"prompt", "persona"} -> the answer as text (or JSON)."""
     fields = parse_body_fields(request)
-    prompt = read_text(fields, "prompt", required=True)
+    prompt = read_text(fields, "prompt", required=True) or ""
     persona = read_text(fields, "persona", default=app.settings.system_prompt)
     params = parse_generation_params(fields, app.settings)
-    messages = ([{"role": "system", "content": persona}] if persona else []) + [{"role": "user", "content": prompt}]
+    messages = [{"role": "user", "content": prompt}]
+    if persona:
+        messages.insert(0, {"role": "system", "content": persona})
     completion = app.complete(request, *app.chat_prompt(messages, params), logged_prompt=prompt)
     if "application/json" in request.headers.get("accept", ""):
         reply = json_reply(200, {"response": completion.text, "model": app.settings.model_id,
@@ -46,5 +47,5 @@ def handle_prompt(app: App, request: Request) -> Reply:
     return reply
 
 
-def routes(settings: Settings) -> List[Route]:
+def routes(settings: Settings) -> list[Route]:
     return [Route("/health", {"GET": handle_health}), Route(settings.route, {"POST": handle_prompt})]

@@ -14,7 +14,7 @@ import logging
 import logging.handlers
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable
 
 DEFAULT_MODEL_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"  # the embedded default model (model.py)
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
@@ -28,7 +28,7 @@ class Settings:
     port: int = 5000
     route: str = "/gpt4all_api"
     api_key: str = ""
-    cors_origins: Tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
     socket_timeout: float = 30.0
     backlog: int = 128
     metrics_public: bool = False
@@ -46,7 +46,7 @@ class Settings:
     prompt_cache: bool = True
     prompt_cache_mb: int = 256
     huge_pages: bool = True
-    model_names: Tuple[str, ...] = ("*",)
+    model_names: tuple[str, ...] = ("*",)
     # [generation]
     max_tokens: int = 256
     temperature: float = 0.7
@@ -142,7 +142,7 @@ def port_number(text: str) -> int:
     return value
 
 
-def comma_list(text: str) -> Tuple[str, ...]:
+def comma_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
@@ -214,8 +214,9 @@ def load_settings(config_file: Path, **overrides: Any) -> Settings:
             parser.read_file(handle)
     except (OSError, configparser.Error) as error:
         raise ValueError(f"cannot read config {config_file}: {error}") from None
-    known = {(section, key): (attribute, convert) for section, key, attribute, convert in CONFIG_KEYS}
-    values: Dict[str, Any] = {}
+    known: dict[tuple[str, str], tuple[str, Any]] = {
+        (section, key): (attribute, convert) for section, key, attribute, convert in CONFIG_KEYS}
+    values: dict[str, Any] = {}
     for section in parser.sections():
         for key, text in parser.items(section):
             if (section, key) not in known:
@@ -256,7 +257,7 @@ def rotating_log_handler(settings: Settings, filename: str, formatter: logging.F
     return handler
 
 
-def configure_logging(settings: Settings, filename: Optional[str]) -> None:
+def configure_logging(settings: Settings, filename: str | None) -> None:
     """Log to a rotating file in log_dir (when filename is given) and to stderr.
 
     A worker under the watchdog logs to stderr only: the watchdog is the single writer of
@@ -267,7 +268,7 @@ def configure_logging(settings: Settings, filename: Optional[str]) -> None:
         root.removeHandler(handler)
         handler.close()
     formatter = logging.Formatter(LOG_FORMAT)
-    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     handlers[0].setFormatter(formatter)
     if filename:
         handlers.append(rotating_log_handler(settings, filename, formatter))

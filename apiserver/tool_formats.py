@@ -13,11 +13,12 @@ import dataclasses
 import json
 import logging
 import uuid
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 log = logging.getLogger("gpt4all_api")
 
-Message = Dict[str, Any]  # {"role", "content"}, plus "tool_calls" (assistant) or "tool_call_id" (tool)
+Message = dict[str, Any]  # {"role", "content"}, plus "tool_calls" (assistant) or "tool_call_id" (tool)
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
@@ -29,11 +30,11 @@ def new_call_id() -> str:
 @dataclasses.dataclass(frozen=True)
 class ToolCall:
     name: str
-    arguments: Dict[str, Any]
+    arguments: dict[str, Any]
     id: str = dataclasses.field(default_factory=new_call_id)
 
 
-def to_json(value: Any, indent: Optional[int] = None) -> str:
+def to_json(value: Any, indent: int | None = None) -> str:
     """Jinja's tojson as Hugging Face templates use it: ", " and ": " separators, text kept as is."""
     return json.dumps(value, ensure_ascii=False, indent=indent)
 
@@ -45,21 +46,21 @@ class ToolFormat:
     arguments_key: str  # "arguments" (Hermes, plain) or "parameters" (Llama 3.1)
 
     @property
-    def default_system(self) -> Optional[str]:
+    def default_system(self) -> str | None:
         """The system message the family's template writes when tools come without one."""
         return QWEN_DEFAULT_SYSTEM if self.name == "hermes" else None
 
     def call_text(self, call: ToolCall) -> str:
         return f'{{"name": {to_json(call.name)}, "{self.arguments_key}": {to_json(call.arguments)}}}'
 
-    def prefill(self, function: Optional[str]) -> str:
+    def prefill(self, function: str | None) -> str:
         """The opening of the assistant's answer that forces a call (of function, when named)."""
         opening = f"{CALL_OPEN}\n" if self.name == "hermes" else ""
         if function is None:
             return opening + '{"name": "'
         return opening + f'{{"name": {to_json(function)}, "{self.arguments_key}": '
 
-    def render(self, messages: Sequence[Message], tools: Sequence[Dict[str, Any]]) -> List[Dict[str, str]]:
+    def render(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
         """The conversation as plain {"role", "content"} messages for the family's ChatTemplate;
         tools (the request's tool objects) empty: past calls and results only."""
         if self.name == "hermes":
@@ -75,10 +76,10 @@ FORMATS = {"hermes": ToolFormat("hermes", "arguments"), "llama3": ToolFormat("ll
 
 def tool_format_for(template_name: str) -> ToolFormat:
     """The tool format of a chat template family: ChatML models (Qwen2.5, Hermes) use Hermes'."""
-    return FORMATS.get({"chatml": "hermes", "llama3": "llama3"}.get(template_name, "plain"))
+    return FORMATS[{"chatml": "hermes", "llama3": "llama3"}.get(template_name, "plain")]
 
 
-def hermes_tools_section(tools: Sequence[Dict[str, Any]]) -> str:
+def hermes_tools_section(tools: Sequence[dict[str, Any]]) -> str:
     """The '# Tools' section of Qwen2.5's template, word for word."""
     lines = "".join("\n" + to_json(tool) for tool in tools)
     return ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -88,8 +89,8 @@ def hermes_tools_section(tools: Sequence[Dict[str, Any]]) -> str:
             "<args-json-object>}\n</tool_call>")
 
 
-def system_with_tools(messages: Sequence[Message], tools: Sequence[Dict[str, Any]], default_system: str,
-                      section: str) -> Tuple[List[Dict[str, Any]], List[Message]]:
+def system_with_tools(messages: Sequence[Message], tools: Sequence[dict[str, Any]], default_system: str,
+                      section: str) -> tuple[list[dict[str, Any]], list[Message]]:
     """([the system message with the tools section], the other messages); no tools: ([], messages)."""
     rest = list(messages)
     if not tools:
@@ -98,13 +99,13 @@ def system_with_tools(messages: Sequence[Message], tools: Sequence[Dict[str, Any
     return [{"role": "system", "content": system + section}], rest
 
 
-def calls_as_text(message: Message, fmt: ToolFormat, wrap: Tuple[str, str] = ("", "")) -> str:
+def calls_as_text(message: Message, fmt: ToolFormat, wrap: tuple[str, str] = ("", "")) -> str:
     """An assistant message's text and calls, one call per line."""
     calls = [wrap[0] + fmt.call_text(call) + wrap[1] for call in message["tool_calls"]]
     return "\n".join(([message["content"]] if message["content"] else []) + calls)
 
 
-def render_hermes(messages: Sequence[Message], tools: Sequence[Dict[str, Any]], fmt: ToolFormat) -> List[Dict[str, str]]:
+def render_hermes(messages: Sequence[Message], tools: Sequence[dict[str, Any]], fmt: ToolFormat) -> list[dict[str, str]]:
     rendered, rest = system_with_tools(messages, tools, QWEN_DEFAULT_SYSTEM, hermes_tools_section(tools))
     for message in rest:
         if message["role"] == "assistant" and message.get("tool_calls"):
@@ -126,9 +127,9 @@ LLAMA3_INSTRUCTION = ("Given the following functions, please respond with a JSON
                       "\"parameters\": dictionary of argument name and its value}.Do not use variables.\n\n")
 
 
-def render_llama3(messages: Sequence[Message], tools: Sequence[Dict[str, Any]], fmt: ToolFormat) -> List[Dict[str, str]]:
+def render_llama3(messages: Sequence[Message], tools: Sequence[dict[str, Any]], fmt: ToolFormat) -> list[dict[str, str]]:
     """Llama 3.1's JSON tool calling (tools in the first user message, results as ipython turns)."""
-    rendered: List[Dict[str, str]] = []
+    rendered: list[dict[str, str]] = []
     tools_pending = bool(tools)
     for message in messages:
         if message["role"] == "user" and tools_pending:
@@ -144,14 +145,14 @@ def render_llama3(messages: Sequence[Message], tools: Sequence[Dict[str, Any]], 
     return rendered
 
 
-def plain_tools_section(tools: Sequence[Dict[str, Any]]) -> str:
+def plain_tools_section(tools: Sequence[dict[str, Any]]) -> str:
     listing = "\n".join(to_json(tool.get("function", tool)) for tool in tools)
     return ("\n\nYou can call these functions:\n" + listing + "\n\nTo call one, answer with only a JSON object "
             "{\"name\": <function name>, \"arguments\": <arguments object>} (one per line for several calls). "
             "Otherwise answer normally.")
 
 
-def render_plain(messages: Sequence[Message], tools: Sequence[Dict[str, Any]], fmt: ToolFormat) -> List[Dict[str, str]]:
+def render_plain(messages: Sequence[Message], tools: Sequence[dict[str, Any]], fmt: ToolFormat) -> list[dict[str, str]]:
     rendered, rest = system_with_tools(messages, tools, "You are a helpful assistant.", plain_tools_section(tools))
     for message in rest:
         if message["role"] == "assistant" and message.get("tool_calls"):
@@ -163,7 +164,7 @@ def render_plain(messages: Sequence[Message], tools: Sequence[Dict[str, Any]], f
     return rendered
 
 
-def call_key(name: str, arguments: Dict[str, Any]) -> str:
+def call_key(name: str, arguments: dict[str, Any]) -> str:
     return name + json.dumps(arguments, sort_keys=True)
 
 
@@ -174,12 +175,12 @@ def answered_calls(messages: Sequence[Message]) -> frozenset:
                      for call in message.get("tool_calls", []))
 
 
-def fold_tool_exchanges(messages: Sequence[Message]) -> List[Dict[str, str]]:
+def fold_tool_exchanges(messages: Sequence[Message]) -> list[dict[str, str]]:
     """The conversation with every call and its results written into the user message before them,
     as plain text and without tools: small models that repeat a call already answered in their own
     format answer from the results when they read them this way."""
-    folded: List[Dict[str, str]] = []
-    calls: Dict[str, ToolCall] = {}
+    folded: list[dict[str, str]] = []
+    calls: dict[str, ToolCall] = {}
     for message in messages:
         if message["role"] == "assistant" and message.get("tool_calls"):
             calls.update({call.id: call for call in message["tool_calls"]})
@@ -226,10 +227,10 @@ def skip(text: str, position: int, *tokens: str) -> int:
             return position
 
 
-def read_calls(text: str, start: int, offered: Sequence[str]) -> Tuple[List[ToolCall], int]:
+def read_calls(text: str, start: int, offered: Sequence[str]) -> tuple[list[ToolCall], int]:
     """The calls from start on: bare JSON objects, each optionally in <tool_call> tags or a fence."""
     decoder = json.JSONDecoder()
-    calls: List[ToolCall] = []
+    calls: list[ToolCall] = []
     position = skip(text, start, CALL_OPEN, "```")
     while position < len(text) and text[position] == "{":
         try:
@@ -255,7 +256,7 @@ def read_calls(text: str, start: int, offered: Sequence[str]) -> Tuple[List[Tool
     return calls, position
 
 
-def parse_tool_calls(text: str, offered: Sequence[str]) -> Tuple[str, List[ToolCall]]:
+def parse_tool_calls(text: str, offered: Sequence[str]) -> tuple[str, list[ToolCall]]:
     """(content, calls) of an answer: the text before the first call is content; an answer whose
     call does not parse, or names a function that was not offered, is all content (and logged)."""
     problem = None
@@ -272,7 +273,7 @@ def parse_tool_calls(text: str, offered: Sequence[str]) -> Tuple[str, List[ToolC
     return text, []
 
 
-def find_all(text: str, marker: str) -> List[int]:
+def find_all(text: str, marker: str) -> list[int]:
     positions, index = [], text.find(marker)
     while index >= 0:
         positions.append(index)

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Callable, Collection, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Collection, Iterable, Sequence
+from typing import Callable
 
 HASH_BYTES = 16  # blake2b digest size: a prefix's name in the watchdog's cache
 MIN_BATCH = 3  # the smallest batch llama.cpp computes as it computes large ones
 
-Mark = Tuple[int, int]  # (offset in the text, tokens in the context up to there)
+Mark = tuple[int, int]  # (offset in the text, tokens in the context up to there)
 
 
-def turn_offsets(text: str, markers: Iterable[str]) -> List[int]:
+def turn_offsets(text: str, markers: Iterable[str]) -> list[int]:
     """Every offset where a marker begins, in order (0 included when the text starts with one)."""
     offsets = set()
     for marker in markers:
@@ -41,7 +42,7 @@ class Evaluated:
     tokens precede it. Tokens after the last mark (the rest of a turn, a generated answer) are in
     the context too, but nothing can start from them."""
     text: str = ""
-    marks: Tuple[Mark, ...] = ()
+    marks: tuple[Mark, ...] = ()
 
     @property
     def n_past(self) -> int:
@@ -56,13 +57,13 @@ class Evaluated:
                 return offset, n_past
         return 0, 0
 
-    def up_to(self, offset: int) -> "Evaluated":
+    def up_to(self, offset: int) -> Evaluated:
         """The same context cut at one of its marks (what remains once n_past is set back there)."""
         marks = tuple(mark for mark in self.marks if mark[0] <= offset)
         return Evaluated(self.text[:marks[-1][0]] if marks else "", marks)
 
     def extended(self, prompt: str, offsets: Sequence[int], start: Mark, evaluated_ids: Sequence[int],
-                 marker_ids: Collection[int], complete: bool, lead: int = 0) -> "Evaluated":
+                 marker_ids: Collection[int], complete: bool, lead: int = 0) -> Evaluated:
         """This context once prompt (boundaries: offsets) was evaluated from start: the marks up to
         start, and those the evaluated ids show, each marker token being the next boundary of the
         text (lead: ids evaluated before the text, a BOS). Ids cut short (complete False: the
@@ -96,16 +97,16 @@ class PromptTokenizer:
     when the last prompt began from an empty context) is cut off with it; bos is the id the model
     puts first when a prompt does begin from an empty context (None: it puts nothing)."""
 
-    def __init__(self, tokenize: Callable[[str], List[int]], sentinel: str, sentinel_id: int, bos: Optional[int]):
+    def __init__(self, tokenize: Callable[[str], list[int]], sentinel: str, sentinel_id: int, bos: int | None):
         self.tokenize, self.sentinel, self.sentinel_id, self.bos = tokenize, sentinel, sentinel_id, bos
 
-    def ids(self, text: str, from_empty: bool) -> List[int]:
+    def ids(self, text: str, from_empty: bool) -> list[int]:
         ids = self.tokenize(self.sentinel + text)
         first = ids.index(self.sentinel_id) + 1 if self.sentinel_id in ids else len(ids)
         return ([self.bos] if from_empty and self.bos is not None else []) + ids[first:]
 
 
-def prefix_hashes(text: str, offsets: Iterable[int]) -> List[bytes]:
+def prefix_hashes(text: str, offsets: Iterable[int]) -> list[bytes]:
     """The name of text[:offset] for each offset (ascending), as the watchdog's cache indexes it."""
     hasher = hashlib.blake2b(digest_size=HASH_BYTES)
     names, done = [], 0

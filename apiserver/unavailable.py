@@ -17,7 +17,7 @@ import math
 import selectors
 import socket
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable
 from urllib.parse import urlsplit
 
 log = logging.getLogger("watchdog")
@@ -58,14 +58,14 @@ class UnavailableResponder:
 
     def __init__(self, selector: selectors.BaseSelector, clock: Callable[[], float] = time.monotonic):
         self.selector, self.clock = selector, clock
-        self.listener: Optional[socket.socket] = None  # registered while unavailable
+        self.listener: socket.socket | None = None  # registered while unavailable
         self.reason = "no worker can serve"
         self.retry_at = 0.0
-        self.clients: Dict[socket.socket, Client] = {}
+        self.clients: dict[socket.socket, Client] = {}
         self.answered = 0
         self.on_answer: Callable[[], None] = lambda: None  # each 503 sent (the watchdog counts it)
 
-    def update(self, listener: socket.socket, unavailable: Optional[Tuple[str, float]]) -> None:
+    def update(self, listener: socket.socket, unavailable: tuple[str, float] | None) -> None:
         """Call once per loop, before select(): accept while unavailable is (reason, retry_in)."""
         now = self.clock()
         if unavailable is not None:

@@ -49,7 +49,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -104,7 +103,7 @@ class RawModel:
         self.model = GPT4All(settings.model_id, model_path=str(settings.model_path), allow_download=False,
                              device="cpu", n_threads=os.cpu_count(), n_ctx=settings.n_ctx)
 
-    def generate(self, prompt: str, rendered: Optional[str] = None):
+    def generate(self, prompt: str, rendered: str | None = None):
         """(seconds, text, tokens, seconds to first token); rendered: the whole prompt, written already."""
         pieces, first = [], []
         started = time.monotonic()
@@ -254,7 +253,7 @@ def run_pass(names: list, shuffles: random.Random, seconds: dict, ask) -> None:
                 block[index].append(elapsed)
 
 
-def bench_watchdog(workdir: Path, rounds: int, modes: Optional[dict] = None) -> dict:
+def bench_watchdog(workdir: Path, rounds: int, modes: dict | None = None) -> dict:
     """Every mode's watchdog (WATCHDOG_MODES, or the modes given) runs at once, started afresh for
     each round. A round is PASSES passes; in a pass each watchdog takes its turn (the order
     shuffled, the same shuffles every run) for one block: once the machine is quiet, one short
@@ -278,10 +277,11 @@ def bench_watchdog(workdir: Path, rounds: int, modes: Optional[dict] = None) -> 
     for round_index in range(rounds):
         with contextlib.ExitStack() as stack:
             watchdogs = watchdogs_past_learning(stack, workdir / f"round-{round_index}", modes)
-            def ask(name: str, prompt: str) -> Optional[float]:
+            def ask(name: str, prompt: str) -> float | None:
                 started = time.monotonic()
                 try:
-                    pids[name].add(post_generate(watchdogs[name].base_url, prompt)[3])
+                    # called within this round only (run_pass below): the round's watchdogs are meant
+                    pids[name].add(post_generate(watchdogs[name].base_url, prompt)[3])  # noqa: B023
                 except (OSError, http.client.HTTPException, RuntimeError):
                     errors[name] += 1
                     return None
@@ -610,10 +610,12 @@ def bench_busy(workdir: Path, rounds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "restart", "paced", "stream", "ollama", "busy", "tools", "prefix", "all"])
+    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "restart", "paced", "stream",
+                                                                    "ollama", "busy", "tools", "prefix", "all"])
     parser.add_argument("--rounds", type=int, default=5, help="passes over the prompts (default %(default)s)")
     arguments = parser.parse_args()
-    run_benches({"server": bench_server, "watchdog": bench_watchdog, "restart": bench_restart, "paced": bench_paced, "stream": bench_stream, "busy": bench_busy,
+    run_benches({"server": bench_server, "watchdog": bench_watchdog, "restart": bench_restart, "paced": bench_paced,
+                 "stream": bench_stream, "busy": bench_busy,
                  "tools": bench_tools, "ollama": bench_ollama, "prefix": bench_prefix},
                 arguments.which, arguments.rounds, arguments.which)
 

@@ -33,16 +33,27 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench import (LEARN_FROM, MAX_TOKENS, PASSES, PERSONA, RawModel, compare_to_keep_loaded,  # noqa: E402
-                   median, run_pass, running_watchdog, wait_until_quiet, watchdogs_past_learning)
 from apiserver.model import TEMPLATES  # noqa: E402
 from apiserver.settings import load_settings  # noqa: E402
+from bench import (  # noqa: E402
+    LEARN_FROM,
+    MAX_TOKENS,
+    PASSES,
+    PERSONA,
+    RawModel,
+    compare_to_keep_loaded,
+    median,
+    run_pass,
+    running_watchdog,
+    wait_until_quiet,
+    watchdogs_past_learning,
+)
 from conftest import Process, free_port, request, write_config  # noqa: E402
 
 CHATML = TEMPLATES["chatml"]
@@ -66,8 +77,8 @@ def house(number: int) -> str:
             "questions about them in one short sentence. The devices and their states:\n" + "\n".join(devices))
 
 
-def stream(base_url: str, messages: List[Dict[str, str]], max_tokens: int = FIRST_TOKENS,
-           usage: Optional[dict] = None) -> Tuple[float, str]:
+def stream(base_url: str, messages: list[dict[str, str]], max_tokens: int = FIRST_TOKENS,
+           usage: dict | None = None) -> tuple[float, str]:
     """(seconds to the first streamed content, the whole answer) of a chat at temperature 0; with
     usage (a dict), the usage chunk is asked for and copied into it."""
     host, port = base_url.split("//")[1].split(":")
@@ -96,19 +107,19 @@ def stream(base_url: str, messages: List[Dict[str, str]], max_tokens: int = FIRS
     return first, text
 
 
-def raw_first_token(raw: RawModel, messages: List[Dict[str, str]]) -> float:
+def raw_first_token(raw: RawModel, messages: list[dict[str, str]]) -> float:
     wait_until_quiet()
     return raw.generate("", CHATML.render(messages))[3]
 
 
-def server_first_token(base_url: str, messages: List[Dict[str, str]], usage: Optional[dict],
-                       max_tokens: int = FIRST_TOKENS) -> Tuple[float, str]:
+def server_first_token(base_url: str, messages: list[dict[str, str]], usage: dict | None,
+                       max_tokens: int = FIRST_TOKENS) -> tuple[float, str]:
     wait_until_quiet()
     return stream(base_url, messages, max_tokens, usage)
 
 
 @contextlib.contextmanager
-def watchdog_and_raw(workdir: Path, name: str) -> Iterator[Tuple[Process, RawModel]]:
+def watchdog_and_raw(workdir: Path, name: str) -> Iterator[tuple[Process, RawModel]]:
     """The watchdog on the committed defaults (n_threads fixed, as raw's), past its first workers
     (those loaded their own model while the zygote loaded: the zygote's workers save contexts),
     and the raw baseline beside it."""
@@ -127,7 +138,7 @@ def house_rounds(base_url: str, raw: RawModel, rounds: int, offset: int = 0, our
         for index, question in enumerate(QUESTIONS):
             messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
             raw_seconds = raw_first_token(raw, messages)
-            usage: Optional[dict] = {} if ours else None
+            usage: dict | None = {} if ours else None
             seconds, _ = server_first_token(base_url, messages, usage)
             (misses if index == 0 else firsts).append(seconds)
             (miss_raws if index == 0 else raws).append(raw_seconds)
@@ -146,10 +157,10 @@ def house_rounds(base_url: str, raw: RawModel, rounds: int, offset: int = 0, our
 
 
 def chat_rounds(base_url: str, raw: RawModel, rounds: int) -> dict:
-    ratios: Dict[int, List[float]] = {turn: [] for turn in range(len(CHAT))}
-    seconds_by_turn: Dict[int, List[float]] = {turn: [] for turn in range(len(CHAT))}
+    ratios: dict[int, list[float]] = {turn: [] for turn in range(len(CHAT))}
+    seconds_by_turn: dict[int, list[float]] = {turn: [] for turn in range(len(CHAT))}
     for round_index in range(rounds):
-        messages: List[Dict[str, str]] = []
+        messages: list[dict[str, str]] = []
         for turn, question in enumerate(CHAT):
             opener = f"(conversation {round_index + 1}) " if turn == 0 else ""
             messages.append({"role": "user", "content": opener + question})
@@ -194,7 +205,7 @@ def bench_miss(workdir: Path, rounds: int) -> dict:
     each takes its turn (shuffled) for one block once the machine is quiet: one request not counted,
     then each prompt once, back to back, every request with a persona of its own. Compared prompt
     by prompt as bench.py compares the watchdog modes, prompt_cache_off the baseline."""
-    seconds: Dict[str, list] = {name: [] for name in MISS_MODES}
+    seconds: dict[str, list] = {name: [] for name in MISS_MODES}
     serials = {name: 0 for name in MISS_MODES}  # the same personas, in the same order, on both sides
     shuffles = random.Random(17)
     for round_index in range(rounds):
@@ -202,7 +213,7 @@ def bench_miss(workdir: Path, rounds: int) -> dict:
             watchdogs = watchdogs_past_learning(stack, workdir / f"miss-{round_index}", MISS_MODES)
             def ask(name: str, prompt: str) -> float:
                 serials[name] += 1
-                return unmatched(watchdogs[name].base_url, prompt, serials[name])
+                return unmatched(watchdogs[name].base_url, prompt, serials[name])  # noqa: B023 (called in this round)
             for _ in range(PASSES):
                 run_pass(list(MISS_MODES), shuffles, seconds, ask)
             metrics = request(watchdogs["prompt_cache_on"].base_url, "GET", "/metrics")[2].decode()

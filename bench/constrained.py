@@ -24,19 +24,19 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench import REPO, run_benches  # noqa: E402
-from conftest import Process, request, write_config  # noqa: E402
+import jsonschema  # noqa: E402
 from test_json_integration import JSON_PROMPTS, SCHEMAS, SYSTEM_PROMPT  # noqa: E402
+
 from apiserver.chat import with_system_note  # noqa: E402
 from apiserver.json_output import prefill_for, schema_instruction  # noqa: E402
 from apiserver.model import TEMPLATES  # noqa: E402
-
-import jsonschema  # noqa: E402
+from bench import REPO, run_benches  # noqa: E402
+from conftest import Process, request, write_config  # noqa: E402
 
 MAX_TOKENS = 400
 CORRECTION_LINE = re.compile(r"constrained answer: (\d+) corrections?, (\d+) ms")
@@ -55,7 +55,7 @@ class Server:
         self.log = directory / "logs" / "server.log"
         self.read = self.log.stat().st_size if self.log.exists() else 0
 
-    def corrections(self) -> Tuple[int, float]:
+    def corrections(self) -> tuple[int, float]:
         """(corrections, their milliseconds) logged since the last call."""
         with open(self.log, "rb") as file:
             file.seek(self.read)
@@ -65,7 +65,7 @@ class Server:
         return sum(int(count) for count, _ in found), sum(float(ms) for _, ms in found)
 
 
-def chat(base_url: str, prompt: str, schema: Optional[Dict[str, Any]]) -> Tuple[float, str, int]:
+def chat(base_url: str, prompt: str, schema: dict[str, Any] | None) -> tuple[float, str, int]:
     """(seconds, content, completion tokens) of one JSON-mode chat request."""
     response_format = {"type": "json_object"} if schema is None else {
         "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
@@ -79,7 +79,7 @@ def chat(base_url: str, prompt: str, schema: Optional[Dict[str, Any]]) -> Tuple[
     return seconds, document["choices"][0]["message"]["content"], document["usage"]["completion_tokens"]
 
 
-def unconstrained(base_url: str, prompt: str, schema: Optional[Dict[str, Any]], tokens: int) -> float:
+def unconstrained(base_url: str, prompt: str, schema: dict[str, Any] | None, tokens: int) -> float:
     """Seconds of the same rendered prompt and opening through the raw completion route: no
     constraint, the same number of tokens (the chat route ends where the JSON closes)."""
     messages = with_system_note([{"role": "user", "content": prompt}], schema_instruction(schema), SYSTEM_PROMPT)
@@ -91,15 +91,15 @@ def unconstrained(base_url: str, prompt: str, schema: Optional[Dict[str, Any]], 
     return time.monotonic() - started
 
 
-def cases() -> List[Tuple[str, Optional[Dict[str, Any]]]]:
+def cases() -> list[tuple[str, dict[str, Any] | None]]:
     return [(prompt, None) for prompt in JSON_PROMPTS] + [(prompt, schema) for prompt, schema in SCHEMAS]
 
 
-def bench_rates(server: Server) -> Tuple[dict, List[Tuple[str, Optional[dict], int]]]:
+def bench_rates(server: Server) -> tuple[dict, list[tuple[str, dict | None, int]]]:
     parsed = valid = 0
-    per_answer: List[int] = []
+    per_answer: list[int] = []
     total_ms = 0.0
-    clean: List[Tuple[str, Optional[dict], int]] = []
+    clean: list[tuple[str, dict | None, int]] = []
     for prompt, schema in cases():
         _, content, tokens = chat(server.process.base_url, prompt, schema)
         corrections, ms = server.corrections()
@@ -122,9 +122,9 @@ def bench_rates(server: Server) -> Tuple[dict, List[Tuple[str, Optional[dict], i
              "mean_ms_per_correction": round(total_ms / corrected, 1) if corrected else None}, clean)
 
 
-def bench_overhead(server: Server, clean: List[Tuple[str, Optional[dict], int]], rounds: int) -> dict:
-    constrained: List[float] = []
-    free: List[float] = []
+def bench_overhead(server: Server, clean: list[tuple[str, dict | None, int]], rounds: int) -> dict:
+    constrained: list[float] = []
+    free: list[float] = []
     base_url = server.process.base_url
     for round_number in range(rounds):
         for index, (prompt, schema, tokens) in enumerate(clean):

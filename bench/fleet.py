@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import ContextManager, List, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -37,11 +36,11 @@ CLIENTS = 4
 LONG_TOKENS = 96
 
 
-def watchdog_with(workdir: Path, name: str, watchdog: dict) -> ContextManager[Process]:
+def watchdog_with(workdir: Path, name: str, watchdog: dict) -> contextlib.AbstractContextManager[Process]:
     return running_watchdog(write_config(workdir / name, {"watchdog": watchdog}))
 
 
-def generate(base_url: str, prompt: str, max_tokens: int) -> Tuple[float, int]:
+def generate(base_url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
     started = time.monotonic()
     status, _, body = request(base_url, "POST", "/gpt4all_api", {"prompt": prompt, "temperature": 0,
                                                                   "max_tokens": max_tokens},
@@ -53,7 +52,7 @@ def generate(base_url: str, prompt: str, max_tokens: int) -> Tuple[float, int]:
 
 def concurrent_tokens_per_second(base_url: str, requests_each: int) -> float:
     """Four clients, each sending requests back to back: generated tokens / wall time."""
-    tokens: List[int] = []
+    tokens: list[int] = []
 
     def client(index: int) -> None:
         for round_index in range(requests_each):
@@ -90,12 +89,12 @@ def bench_workers(workdir: Path, rounds: int) -> dict:
 
 
 def bench_metrics(workdir: Path, rounds: int) -> dict:
-    latencies: List[float] = []
+    latencies: list[float] = []
     with watchdog_with(workdir, "metrics", {}) as watchdog:
         for _ in range(rounds):
             done = threading.Event()
             worker = threading.Thread(target=lambda: (generate(watchdog.base_url, "Count from 1 to 200.", 150),
-                                                      done.set()))
+                                                      done.set()))  # noqa: B023 (joined in this iteration)
             worker.start()
             time.sleep(0.5)  # the generation runs
             while not done.is_set():
@@ -111,7 +110,7 @@ def bench_metrics(workdir: Path, rounds: int) -> dict:
             "p99_ms": percentile(latencies, 0.99) * 1000, "max_ms": max(latencies) * 1000}
 
 
-def nginx_config(upstream_ports: List[int], listen_port: int, tmp: Path) -> str:
+def nginx_config(upstream_ports: list[int], listen_port: int, tmp: Path) -> str:
     """The README's nginx block on our ports, inside a minimal nginx.conf (as the nginx test does)."""
     from test_nginx_integration import nginx_conf, readme_nginx_block, with_ports  # the test owns the extraction
     return nginx_conf(with_ports(readme_nginx_block(), upstream_ports, listen_port), tmp)

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable
 
 import pytest
 
@@ -32,7 +32,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def write_config(directory: Path, overrides: Optional[Dict[str, Dict[str, Any]]] = None) -> Path:
+def write_config(directory: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Path:
     """config.ini in directory: the committed defaults, a free port, logs and state inside directory."""
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(REPO / "config.ini", encoding="utf-8")
@@ -53,8 +53,8 @@ def write_config(directory: Path, overrides: Optional[Dict[str, Dict[str, Any]]]
 class Process:
     """A server or watchdog subprocess in its own process group, its output in a file."""
 
-    def __init__(self, script: str, config: Path, env: Optional[Dict[str, str]] = None,
-                 cwd: Optional[str] = None, command: Optional[list] = None):
+    def __init__(self, script: str, config: Path, env: dict[str, str] | None = None,
+                 cwd: str | None = None, command: list | None = None):
         self.config = config
         parser = configparser.ConfigParser(interpolation=None)
         parser.read(config, encoding="utf-8")
@@ -77,7 +77,7 @@ class Process:
     def fail(self, reason: str) -> None:
         pytest.fail(f"{reason}\n----- output -----\n{self.logs()}")
 
-    def wait_ready(self, timeout: float = 120) -> Dict[str, Any]:
+    def wait_ready(self, timeout: float = 120) -> dict[str, Any]:
         """Poll /health until it answers 200 (model loaded) before the deadline."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -97,7 +97,7 @@ class Process:
         state_dir = self.config.parent / "run"
         wait_until(lambda: len(list(state_dir.glob("worker-*.sentinel"))) >= 2, timeout, self, "the warm spare")
 
-    def stop(self, timeout: float = 30) -> Optional[int]:
+    def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM the process group, then SIGKILL it after the timeout."""
         if self.popen.poll() is None:
             try:
@@ -117,9 +117,9 @@ class Process:
         return self.popen.returncode
 
 
-def descendants(pid: int) -> List[int]:
+def descendants(pid: int) -> list[int]:
     """Pids of a process's children, theirs and so on: the watchdog's workers are the zygote's children."""
-    found: List[int] = []
+    found: list[int] = []
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
@@ -140,9 +140,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float, process: Process, w
     process.fail(f"timed out after {timeout:.1f} s waiting for {what}")
 
 
-def both(first: Process, second: Process, ask: Callable[[Process], Any]) -> Tuple[Any, Any]:
+def both(first: Process, second: Process, ask: Callable[[Process], Any]) -> tuple[Any, Any]:
     """ask(process) of two processes at once (two watchdogs compared on the same question)."""
-    results: List[Any] = [None, None]
+    results: list[Any] = [None, None]
 
     def run(index: int, process: Process) -> None:
         results[index] = ask(process)
@@ -155,8 +155,8 @@ def both(first: Process, second: Process, ask: Callable[[Process], Any]) -> Tupl
     return results[0], results[1]
 
 
-def request(base_url: str, method: str, path: str, body: Any = None, headers: Optional[Dict[str, str]] = None,
-            timeout: float = 120) -> Tuple[int, Dict[str, str], bytes]:
+def request(base_url: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+            timeout: float = 120) -> tuple[int, dict[str, str], bytes]:
     """One HTTP exchange; a dict body is sent as JSON. Returns (status, lower-case headers, body)."""
     host, port = base_url.split("//")[1].split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
@@ -177,7 +177,7 @@ def start(tmp_path):
     """start(script, overrides) -> Process; every process is stopped at the end of the test."""
     started = []
 
-    def start_process(script: str = "gpt4all_api.py", overrides: Optional[Dict[str, Dict[str, Any]]] = None,
+    def start_process(script: str = "gpt4all_api.py", overrides: dict[str, dict[str, Any]] | None = None,
                       **kwargs: Any) -> Process:
         directory = tmp_path / f"{Path(script).stem}-{len(started)}"
         directory.mkdir()

@@ -23,16 +23,17 @@ import threading
 import time
 import types
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 CONTEXT_ERROR_TEXT = "ERROR: The prompt size exceeds the context window size and cannot be processed."
 SPECIAL_TOKENS = {"<|im_start|>": 151644, "<|im_end|>": 151645}  # Qwen's ids
 SPECIAL = re.compile("(" + "|".join(re.escape(token) for token in SPECIAL_TOKENS) + ")")
 
 
-def fake_tokens(text: str) -> List[int]:
+def fake_tokens(text: str) -> list[int]:
     """The fake tokenizer: special tokens first (as llama.cpp's does), then each whitespace word."""
-    ids: List[int] = []
+    ids: list[int] = []
     for part in SPECIAL.split(text):
         if part in SPECIAL_TOKENS:
             ids.append(SPECIAL_TOKENS[part])
@@ -44,12 +45,12 @@ def fake_tokens(text: str) -> List[int]:
 class FakeLLModel:
     """The low-level model object: ModelRunner replaces its _prompt_callback and calls prompt_model()."""
 
-    def __init__(self, owner: "FakeModel"):
+    def __init__(self, owner: FakeModel):
         self.owner = owner
-        self.special: Optional[bool] = None
+        self.special: bool | None = None
         self.threads = 2
         self.context = types.SimpleNamespace(n_past=0)  # what gpt4all's LLModelPromptContext holds
-        self.tokens: List[int] = []  # the ids in the context, as gpt4all's token list holds them
+        self.tokens: list[int] = []  # the ids in the context, as gpt4all's token list holds them
 
     def thread_count(self) -> int:
         return self.threads
@@ -76,7 +77,7 @@ class FakeLLModel:
         del self.tokens[self.context.n_past:]
         self.special = special
         raw = self._callback_decoder(callback)
-        answered: List[int] = []
+        answered: list[int] = []
 
         def push_then_call(token_id: int, piece: str) -> bool:
             answered.append(token_id)
@@ -90,8 +91,8 @@ class FakeLLModel:
 
 class FakeModel:
     def __init__(self, pieces: Sequence[str] = ("Hello", " world"), n_ctx: int = 2048,
-                 delay: float = 0.0, gate: Optional[threading.Event] = None,
-                 error: Optional[BaseException] = None, answers: Optional[Sequence[Sequence[str]]] = None):
+                 delay: float = 0.0, gate: threading.Event | None = None,
+                 error: BaseException | None = None, answers: Sequence[Sequence[str]] | None = None):
         self.model = FakeLLModel(self)
         self.pieces = list(pieces)
         self.answers = [list(answer) for answer in answers] if answers is not None else None
@@ -99,7 +100,7 @@ class FakeModel:
         self.delay = delay  # seconds before each answer piece
         self.gate = gate  # when given, generate() waits for it before answering
         self.error = error  # raised inside generate(), as a broken model would
-        self.calls: List[Dict[str, Any]] = []  # the prompt and keyword arguments of every call
+        self.calls: list[dict[str, Any]] = []  # the prompt and keyword arguments of every call
         self.started = threading.Event()  # set when a generate() call begins
 
     def generate(self, prompt: str, *, max_tokens: int = 200, temp: float = 0.7, top_k: int = 40,
@@ -161,17 +162,17 @@ class FakeNative:
     layout = True  # what layout_holds() answers
     misread = 0  # bytes restore_state reads wrong
 
-    def __init__(self, model: "FakeModel"):
+    def __init__(self, model: FakeModel):
         self.model = model
-        self.restored: List[int] = []
+        self.restored: list[int] = []
 
     def layout_holds(self) -> bool:
         return self.layout
 
-    def tokenize(self, text: str) -> List[int]:
+    def tokenize(self, text: str) -> list[int]:
         return fake_tokens(text)
 
-    def tokens(self) -> List[int]:
+    def tokens(self) -> list[int]:
         return list(self.model.model.tokens)
 
     def set_tokens(self, ids: Sequence[int]) -> None:

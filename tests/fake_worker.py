@@ -32,9 +32,16 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from apiserver.protocol import (ENV_BACKGROUND, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL,  # noqa: E402
-                                ENV_ZYGOTE_FD, Sentinel, read_control_pipe)
 from apiserver.forking import serve_fork_requests  # noqa: E402
+from apiserver.protocol import (  # noqa: E402
+    ENV_BACKGROUND,
+    ENV_CONTROL_FD,
+    ENV_LISTEN_FD,
+    ENV_SENTINEL,
+    ENV_ZYGOTE_FD,
+    Sentinel,
+    read_control_pipe,
+)
 from apiserver.settings import LOG_FORMAT  # noqa: E402
 
 log = logging.getLogger("fake_worker")

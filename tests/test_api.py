@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any, List
+from typing import Any
 
 import pytest
 
@@ -17,7 +17,6 @@ from apiserver.api import ApiError, dispatch
 from apiserver.engine import ClientGone
 from fake_model import CONTEXT_ERROR_TEXT, FakeModel, fake_tokens
 from unit_helpers import ROUTE, chatml, json_body, make_app, make_request, run_in_thread, wait_until
-
 
 # --------------------------------------------------------------------------------------------
 # 2. Bad input: one row each -> status, JSON error document, headers; the model is never called.
@@ -212,7 +211,7 @@ def test_prompt_beyond_the_context_in_a_stream_raises_before_anything_is_sent(se
     app = make_app(settings, FakeModel(n_ctx=20))
     reply = dispatch(app, make_request(path="/v1/chat/completions", body={
         "stream": True, "messages": [{"role": "user", "content": " ".join(["word"] * 50)}]}))
-    emitted: List[bytes] = []
+    emitted: list[bytes] = []
     with pytest.raises(ApiError) as raised:
         reply.stream(emitted.append)
     assert (raised.value.status, raised.value.code) == (400, "context_length_exceeded")

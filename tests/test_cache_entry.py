@@ -6,12 +6,19 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-from typing import Dict
 
 import pytest
 
-from apiserver.cache_entry import (InvalidEntry, StateSize, memory_file, open_state, read_header, state_facts,
-                                   state_shape, write_entry)
+from apiserver.cache_entry import (
+    InvalidEntry,
+    StateSize,
+    memory_file,
+    open_state,
+    read_header,
+    state_facts,
+    state_shape,
+    write_entry,
+)
 from apiserver.turns import Evaluated
 from fake_model import CELL_BYTES, VOCAB, state_bytes
 
@@ -37,7 +44,7 @@ def entry_file():
     os.close(fd)
 
 
-def facts(fd: int) -> Dict[str, int]:
+def facts(fd: int) -> dict[str, int]:
     return state_facts(fd, read_header(fd, FINGERPRINT))
 
 

@@ -5,13 +5,18 @@ covers, and entries dropped because a worker found them bad or died restoring th
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
 
 import pytest
 
 from apiserver.cache_store import PENDING_WAIT, CacheStore
-from apiserver.protocol import (MSG_CACHE_BAD, MSG_CACHE_ENTRY, MSG_CACHE_FOUND, MSG_CACHE_LOOKUP,
-                                MSG_CACHE_PENDING, MSG_CACHE_USED)
+from apiserver.protocol import (
+    MSG_CACHE_BAD,
+    MSG_CACHE_ENTRY,
+    MSG_CACHE_FOUND,
+    MSG_CACHE_LOOKUP,
+    MSG_CACHE_PENDING,
+    MSG_CACHE_USED,
+)
 
 MiB = 1 << 20
 
@@ -30,7 +35,7 @@ class Worker:
 
 class Harness:
     def __init__(self, budget: int = 64 * MiB):
-        self.sent: List[Tuple[Worker, bytes, bytes, int]] = []
+        self.sent: list[tuple[Worker, bytes, bytes, int]] = []
         self.store = CacheStore(budget, self.send)
         self.lookups = 0
 
@@ -38,13 +43,13 @@ class Harness:
         held = os.dup(fds[0]) if fds else -1  # as SCM_RIGHTS would: the worker's own copy
         self.sent.append((worker, kind, payload, held))
 
-    def entry(self, worker: Worker, names: List[str], size: int = MiB) -> int:
+    def entry(self, worker: Worker, names: list[str], size: int = MiB) -> int:
         fd = os.memfd_create("test entry")
         os.posix_fallocate(fd, 0, size)
         self.store.receive(worker, MSG_CACHE_ENTRY, b"".join(map(name, names)), [fd])
         return max(self.store.entries, default=0)
 
-    def lookup(self, worker: Worker, names: List[str], now: float = 0.0):
+    def lookup(self, worker: Worker, names: list[str], now: float = 0.0):
         """(entry number, index) the store answered, None for none, "waiting" when it did not answer."""
         self.lookups += 1
         number = self.lookups.to_bytes(4, "big")

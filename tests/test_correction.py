@@ -7,7 +7,7 @@ never carries rejected text; and the API routes answer 200 where they answered 5
 from __future__ import annotations
 
 import json
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import pytest
 
@@ -31,7 +31,7 @@ def params(max_tokens: int = 50) -> GenerationParams:
 def run(settings, answers: Sequence[Sequence[str]], constraint, max_tokens: int = 50):
     model = FakeModel(answers=answers)
     app = make_app(settings, model)
-    streamed: List[str] = []
+    streamed: list[str] = []
     completion = app.runner.complete(PROMPT, params(max_tokens), lambda: True, on_text=streamed.append,
                                      constraint=constraint)
     return model, completion, "".join(streamed)

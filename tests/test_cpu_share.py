@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import List, Optional
 
 import pytest
 
@@ -14,7 +13,6 @@ from apiserver.fields import parse_generation_params
 from apiserver.model import TEMPLATES
 from apiserver.settings import Settings
 from fake_model import FakeModel
-
 
 # --- CpuShare: the thread count under other programs' load ---------------------------------------
 
@@ -38,7 +36,7 @@ class FakeCpus:
         if own:
             self.own += seconds
 
-    def share(self, cpus: Optional[List[int]] = None) -> cpu_share.CpuShare:
+    def share(self, cpus: list[int] | None = None) -> cpu_share.CpuShare:
         share = cpu_share.CpuShare(cpus or [0, 1], read_stat=self.stat, own_seconds=lambda: self.own,
                                      clock=lambda: self.now)
         share.ticks_per_second = 100

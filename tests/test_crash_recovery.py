@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from conftest import MODELS, REPO, Process, descendants, free_port, request, wait_until
 
@@ -26,7 +26,7 @@ STREAM = {"messages": [{"role": "user", "content": "Write the numbers from 1 to 
 MODEL_FILE = MODELS / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 
-def open_stream(process: Process) -> Tuple[http.client.HTTPResponse, int]:
+def open_stream(process: Process) -> tuple[http.client.HTTPResponse, int]:
     """Start a streamed chat completion and read its first event: (response, worker pid). The
     response holds the socket: once it is closed (or collected), the server sees the client leave."""
     connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=60)
@@ -44,8 +44,8 @@ class Client(threading.Thread):
     def __init__(self, process: Process):
         super().__init__(daemon=True)
         self.process = process
-        self.status: Optional[int] = None
-        self.error: Optional[BaseException] = None
+        self.status: int | None = None
+        self.error: BaseException | None = None
         self.answered_at = 0.0
 
     def run(self) -> None:
@@ -60,9 +60,9 @@ def test_ten_sigkills_mid_stream_never_stall_the_service(start):
     watchdog = start("watchdog.py")
     watchdog.wait_ready()
     watchdog.wait_for_spare()
-    recoveries: List[float] = []  # kill -> the first queued client answered
-    after_kill: List[float] = []  # kill -> the request sent right after it answered
-    own_turn: List[float] = []  # the queue ahead of that request cleared -> it answered
+    recoveries: list[float] = []  # kill -> the first queued client answered
+    after_kill: list[float] = []  # kill -> the request sent right after it answered
+    own_turn: list[float] = []  # the queue ahead of that request cleared -> it answered
     for round_number in range(10):
         began = time.monotonic()
         stream, victim = open_stream(watchdog)
@@ -97,7 +97,7 @@ def test_ten_sigkills_mid_stream_never_stall_the_service(start):
     assert statistics.median(own_turn) < 2.0 and max(own_turn) < 5.0, own_turn
 
 
-def health(process: Process) -> Tuple[int, Dict[str, Any], float]:
+def health(process: Process) -> tuple[int, dict[str, Any], float]:
     started = time.monotonic()
     status, _, body = request(process.base_url, "GET", "/health", timeout=10)
     return status, json.loads(body), time.monotonic() - started
@@ -127,7 +127,7 @@ def test_a_missing_model_gets_503_at_once_and_the_service_returns_when_it_is_put
     assert status == 200 and "Paris" in body.decode(), body
 
 
-def descendant_names(process: Process) -> List[str]:
+def descendant_names(process: Process) -> list[str]:
     """What ps shows for the descendants of a process."""
     names = []
     for pid in descendants(process.popen.pid):

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from typing import List
-
-
 from apiserver.api import dispatch
 from apiserver.engine import StopScanner
 from fake_model import FakeModel
 from unit_helpers import json_body, make_app, make_request
-
 
 # --------------------------------------------------------------------------------------------
 # 4. Stop strings
 # --------------------------------------------------------------------------------------------
 
 
-def feed_all(scanner: StopScanner, pieces: List[str]) -> List[str]:
+def feed_all(scanner: StopScanner, pieces: list[str]) -> list[str]:
     """What the scanner releases for each piece, then at the end."""
     released = []
     for piece in pieces:

@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-from typing import Dict, List, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,7 +20,7 @@ LONG = {"messages": [{"role": "user", "content": "Count from 1 to 300, separated
         "max_tokens": 150, "temperature": 0}
 
 
-def scrape(process: Process) -> Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]:
+def scrape(process: Process) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of /metrics, parsed by Prometheus' own parser: {(name, labels): value}."""
     status, headers, body = request(process.base_url, "GET", "/metrics", timeout=30)
     assert status == 200, body
@@ -39,7 +38,7 @@ def counters(samples: dict) -> dict:
             if key[0].endswith(("_total", "_count", "_sum", "_bucket"))}
 
 
-def chat(process: Process, body: dict = SHORT) -> Tuple[int, int, dict]:
+def chat(process: Process, body: dict = SHORT) -> tuple[int, int, dict]:
     status, headers, answer = request(process.base_url, "POST", CHAT, body, timeout=180)
     return status, int(headers.get("x-worker-pid", 0)), json.loads(answer)
 
@@ -84,7 +83,7 @@ def test_metrics_count_every_answer_across_restarts_and_crashes(start):
         assert not went_down, f"counters went down across restarts: {went_down}"
 
 
-def stream_until_first_token(process: Process, body: dict) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+def stream_until_first_token(process: Process, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=180)
     connection.request("POST", CHAT, json.dumps(dict(body, stream=True)), {"Content-Type": "application/json"})
     response = connection.getresponse()  # the head leaves with the first token
@@ -97,7 +96,7 @@ def test_two_workers_generate_at_once_in_fresh_processes_and_one_crash_spares_th
     watchdog.wait_ready()
     wait_until(lambda: value(scrape(watchdog), "gpt4all_api_workers", state="active") == 2, 60, watchdog,
                "two active workers")
-    results: List[Tuple[float, float, int, dict]] = []
+    results: list[tuple[float, float, int, dict]] = []
 
     def timed() -> None:
         began = time.monotonic()
@@ -124,7 +123,7 @@ def test_two_workers_generate_at_once_in_fresh_processes_and_one_crash_spares_th
     # A SIGKILL of one worker mid-generation leaves the other's generation untouched.
     connection, response = stream_until_first_token(watchdog, LONG)
     victim = int(response.getheader("X-Worker-Pid"))
-    survivor: Dict[str, object] = {}
+    survivor: dict[str, object] = {}
     other = threading.Thread(target=lambda: survivor.update(result=chat(watchdog, LONG)))
     other.start()
     wait_until(lambda: value(scrape(watchdog), "gpt4all_api_generations_running") == 2, 30, watchdog,

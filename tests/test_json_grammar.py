@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-from typing import List, Optional, Tuple
 
 import jsonschema
 import pytest
@@ -53,7 +52,7 @@ SCHEMAS = {
 }
 
 
-def pieces(text: str, cuts: List[int]) -> List[str]:
+def pieces(text: str, cuts: list[int]) -> list[str]:
     bounds = [0] + sorted(cuts) + [len(text)]
     return [text[start:end] for start, end in zip(bounds, bounds[1:])]
 
@@ -130,7 +129,7 @@ def test_schemas_are_followed(schema: dict, text: str, valid: bool) -> None:
     assert jsonschema.Draft202012Validator(schema).is_valid(json.loads(text)) is valid
 
 
-def drive(schema: Optional[dict], model_pieces: List[str], budget: int = 64) -> Tuple[str, int]:
+def drive(schema: dict | None, model_pieces: list[str], budget: int = 64) -> tuple[str, int]:
     """What the engine does: feed the model's pieces; where one is rejected keep its valid part,
     write the correction instead and let the model go on; when the model stops early, correct
     toward the end; past the budget, close."""
@@ -183,7 +182,7 @@ def test_a_model_that_keeps_leaving_the_grammar_still_ends_valid(name: str) -> N
     ('{"a": 1 "b": 2}', None, '{"a": 1 , "b": 2}'),
     ('{"ok": True, "done": False}', SCHEMAS["booleans"], '{"ok": true, "done": false}'),
 ])
-def test_corrections_keep_what_the_model_meant_where_they_can(answer: str, schema: Optional[dict], expected: str) -> None:
+def test_corrections_keep_what_the_model_meant_where_they_can(answer: str, schema: dict | None, expected: str) -> None:
     # the model writes its answer a character at a time and, after a correction, goes on with what
     # it meant: the rejected character again if the correction was written before it, else what
     # follows the characters the correction replaced

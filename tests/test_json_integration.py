@@ -7,7 +7,7 @@ back by corrections)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import jsonschema
 import ollama
@@ -59,7 +59,7 @@ JSON_PROMPTS = [
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"], "additionalProperties": False}
-SCHEMAS: List[Any] = [
+SCHEMAS: list[Any] = [
     ("Invent a person.", PERSON),
     ("A family of two people.", {"type": "object", "properties": {"members": {"type": "array", "items": PERSON,
                                                                               "minItems": 2, "maxItems": 2}},
@@ -128,7 +128,7 @@ def server(tmp_path_factory) -> Process:
     process.stop()
 
 
-def ask(server: Process, mode: str, messages: List[Dict[str, str]], response_format: Optional[Dict[str, Any]] = None,
+def ask(server: Process, mode: str, messages: list[dict[str, str]], response_format: dict[str, Any] | None = None,
         ollama_format: Any = None) -> str:
     """The answer's text through one of four ways: the openai SDK or the ollama client, streamed or not."""
     if mode.startswith("openai"):
@@ -186,7 +186,7 @@ def test_tool_call_arguments_validate_against_the_parameters(server, prompt):
         jsonschema.validate(json.loads(call.function.arguments), offered[call.function.name])
 
 
-def unconstrained(server: Process, prompt: str, schema: Optional[Dict[str, Any]]) -> str:
+def unconstrained(server: Process, prompt: str, schema: dict[str, Any] | None) -> str:
     """What the model writes after the same prompt and opening without a constraint (the raw route)."""
     messages = with_system_note([{"role": "user", "content": prompt}], schema_instruction(schema), SYSTEM_PROMPT)
     rendered = TEMPLATES["chatml"].render(messages) + prefill_for(schema)

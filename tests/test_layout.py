@@ -8,12 +8,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Set
 
 from conftest import REPO
 
 # Each module of apiserver/ and what it may import of the package (the order of the layout).
-ALLOWED_IMPORTS: Dict[str, Set[str]] = {
+ALLOWED_IMPORTS: dict[str, set[str]] = {
     "settings": set(),
     "protocol": set(),
     "forking": {"protocol"},
@@ -53,7 +52,7 @@ ALLOWED_IMPORTS: Dict[str, Set[str]] = {
 }
 
 
-def package_imports(path: Path) -> Set[str]:
+def package_imports(path: Path) -> set[str]:
     """The apiserver modules a file imports, at any depth of its code."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
-from typing import Dict, List
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,7 +17,7 @@ from fake_model import FakeModel
 from unit_helpers import json_body, make_app, make_request
 
 
-def families(text: str) -> Dict[str, object]:
+def families(text: str) -> dict[str, object]:
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
@@ -150,7 +149,7 @@ def test_a_generation_waits_for_a_slot_of_the_box(settings, answer: object, stat
 def test_the_free_cores_are_divided_by_the_generations_running_on_the_box(settings) -> None:
     app = make_app(settings, FakeModel())
     runner = app.runner
-    calls: List[int] = []
+    calls: list[int] = []
 
     class Share:
         cpus, others, threads = [0, 1, 2, 3], 0.0, 4

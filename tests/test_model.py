@@ -6,13 +6,11 @@ import dataclasses
 import hashlib
 import struct
 from pathlib import Path
-from typing import List, Optional
 
 import pytest
 
 from apiserver import model as model_module
 from apiserver.model import TEMPLATES, CannotLoad, choose_template, detect_template, read_gguf_metadata
-
 
 # --------------------------------------------------------------------------------------------
 # 7. Chat templates
@@ -24,7 +22,7 @@ def gguf_string(text: str) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
-def write_gguf(path: Path, chat_template: Optional[str]) -> Path:
+def write_gguf(path: Path, chat_template: str | None) -> Path:
     """A tiny GGUF v3 header; big arrays come before tokenizer.chat_template, so they must be skipped."""
     count = 20_000
     entries = [
@@ -148,7 +146,7 @@ def model_parts(tmp_path, monkeypatch) -> bytes:
 
 def test_assembled_model_is_renamed_into_place_when_the_hash_matches(tmp_path, model_parts):
     target = tmp_path / "models" / "model.gguf"
-    progress: List[tuple] = []
+    progress: list[tuple] = []
     model_module.assemble_default_model(target, lambda done, total: progress.append((done, total)))
     assert target.read_bytes() == model_parts
     assert sorted(path.name for path in target.parent.iterdir()) == ["model.gguf"]

@@ -29,14 +29,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 import pytest
 
 from conftest import REPO, Process, free_port, request, wait_until
 
 
-def find_nginx() -> Optional[str]:
+def find_nginx() -> str | None:
     """nginx on PATH, or Debian's (/usr/sbin is not on every user's PATH)."""
     if shutil.which("nginx"):
         return shutil.which("nginx")
@@ -71,7 +70,7 @@ def readme_nginx_block() -> str:
     return match.group(1)
 
 
-def with_ports(block: str, upstream_ports: List[int], listen_port: int) -> str:
+def with_ports(block: str, upstream_ports: list[int], listen_port: int) -> str:
     """The block with its upstream servers' ports and its listen port replaced (loopback only)."""
     servers = re.findall(r"^\s*server\s+127\.0\.0\.1:(\d+)", block, re.MULTILINE)
     assert len(servers) == len(upstream_ports), f"expected {len(upstream_ports)} upstream servers, found {servers}"
@@ -111,7 +110,7 @@ http {{
 class Nginx:
     """nginx in the foreground on the README's configuration, its output and logs in its directory."""
 
-    def __init__(self, directory: Path, upstream_ports: List[int]) -> None:
+    def __init__(self, directory: Path, upstream_ports: list[int]) -> None:
         directory.mkdir()
         self.directory = directory
         self.port = free_port()
@@ -157,7 +156,7 @@ def nginx_in_front(tmp_path):
     """nginx_in_front(upstream_ports) -> Nginx, listening; stopped at the end of the test."""
     started = []
 
-    def start_nginx(upstream_ports: List[int]) -> Nginx:
+    def start_nginx(upstream_ports: list[int]) -> Nginx:
         server = Nginx(tmp_path / "nginx", upstream_ports)
         started.append(server)
         server.wait_listening()
@@ -172,7 +171,7 @@ def nginx_in_front(tmp_path):
 # Killing a box: its watchdog and every process it started.
 # --------------------------------------------------------------------------------------------
 
-def session_members(session: int) -> List[int]:
+def session_members(session: int) -> list[int]:
     """Pids of the live processes in a session (the watchdog's: its workers have their own process
     groups, but not their own sessions)."""
     members = []
@@ -252,10 +251,10 @@ class Load:
 
     def __init__(self, server_url: str) -> None:
         self.server_url = server_url
-        self.numbers: "queue.Queue[int]" = queue.Queue()
+        self.numbers: queue.Queue[int] = queue.Queue()
         for number in range(REQUESTS):
             self.numbers.put(number)
-        self.outcomes: List[Outcome] = []
+        self.outcomes: list[Outcome] = []
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(CLIENTS)]
 
@@ -284,7 +283,7 @@ class Load:
         assert not any(thread.is_alive() for thread in self.threads), f"the clients did not finish in {timeout} s"
 
 
-def stream_timings(base_url: str) -> Tuple[float, float]:
+def stream_timings(base_url: str) -> tuple[float, float]:
     """(seconds to the first token, seconds to the end) of one streamed chat completion, a long one:
     a proxy that buffered it would hold the first token back until its buffer filled."""
     host, port = base_url.split("//")[1].split(":")

@@ -4,7 +4,7 @@ tool calls with object arguments, load and unload, errors as {"error": "…"}.""
 from __future__ import annotations
 
 import json
-from typing import Any, List
+from typing import Any
 
 from apiserver.api import dispatch
 from fake_model import FakeModel
@@ -13,9 +13,9 @@ from unit_helpers import make_app, make_request
 FRANCE = [{"role": "user", "content": "Capital of France?"}]
 
 
-def ndjson(reply) -> List[Any]:
+def ndjson(reply) -> list[Any]:
     assert reply.headers["Content-Type"] == "application/x-ndjson" and reply.headers["X-Accel-Buffering"] == "no"
-    emitted: List[bytes] = []
+    emitted: list[bytes] = []
     reply.stream(emitted.append)
     return [json.loads(line) for line in b"".join(emitted).splitlines()]
 

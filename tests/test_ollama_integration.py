@@ -4,7 +4,7 @@ the official `ollama` client, and the raw calls Open WebUI and Home Assistant ma
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+from typing import Any
 
 import ollama
 import pytest
@@ -35,7 +35,7 @@ def client(watchdog) -> ollama.Client:
     return ollama.Client(host=watchdog.base_url, headers=AUTH, timeout=120)
 
 
-def call(watchdog: Process, method: str, path: str, body: Any = None, headers: Dict[str, str] = AUTH):
+def call(watchdog: Process, method: str, path: str, body: Any = None, headers: dict[str, str] = AUTH):
     status, response_headers, raw = request(watchdog.base_url, method, path, body, headers=headers, timeout=120)
     return status, response_headers, raw
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-
 import time
-
 
 from apiserver.api import dispatch
 from fake_model import FakeModel, fake_tokens
 from unit_helpers import chatml, json_body, make_app, make_request, sse_events
-
 
 # --------------------------------------------------------------------------------------------
 # 8. OpenAI shapes

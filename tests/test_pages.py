@@ -12,8 +12,8 @@ import threading
 import pytest
 
 from apiserver import pages
-from apiserver.pages import LEARN_FROM, LearnedPages, clip_ranges, merge_ranges, private_writable_mappings
 from apiserver.forking import serve_fork_requests
+from apiserver.pages import LEARN_FROM, LearnedPages, clip_ranges, merge_ranges, private_writable_mappings
 from apiserver.protocol import EXIT_OK, ZYGOTE_PAGES
 
 

@@ -10,12 +10,11 @@ import json
 import os
 import re
 import signal
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import pytest
 
 from apiserver.huge_pages import huge_pages_available
-
 from conftest import Process, both, request, wait_until
 
 PERSONA = ("You are Captain Ada, the quartermaster of a research ship. You answer questions about the "
@@ -27,7 +26,7 @@ OTHER = "You are a terse assistant."
 SETTINGS = {"model": {"system_prompt": PERSONA, "n_threads": 1}}
 
 
-def chat(process: Process, system: Optional[str], stream: bool = False) -> Tuple[str, Dict[str, Any]]:
+def chat(process: Process, system: str | None, stream: bool = False) -> tuple[str, dict[str, Any]]:
     """(answer text, usage) of a chat at temperature 0, streamed or not."""
     messages = ([{"role": "system", "content": system}] if system else []) + \
         [{"role": "user", "content": "How many people are on board, and where do we sail?"}]
@@ -48,7 +47,7 @@ def chat(process: Process, system: Optional[str], stream: bool = False) -> Tuple
     return text, usage
 
 
-def seed(process: Process, persona: Optional[str]) -> Tuple[str, Dict[str, Any]]:
+def seed(process: Process, persona: str | None) -> tuple[str, dict[str, Any]]:
     body = {"prompt": "What do you keep in the stores?", "temperature": 0, "max_tokens": 24}
     if persona is not None:
         body["persona"] = persona

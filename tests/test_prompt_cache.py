@@ -8,7 +8,6 @@ import ctypes
 import dataclasses
 import logging
 import os
-from typing import List, Optional, Tuple
 
 import pytest
 
@@ -103,9 +102,9 @@ class FakeLink:
     """protocol.WatchdogLink as PromptCache uses it: the answer to a lookup, and what was sent."""
 
     def __init__(self) -> None:
-        self.sent: List[Tuple[bytes, bytes, int]] = []
-        self.found: Optional[Tuple[int, int, int]] = None
-        self.asked: List[bytes] = []
+        self.sent: list[tuple[bytes, bytes, int]] = []
+        self.found: tuple[int, int, int] | None = None
+        self.asked: list[bytes] = []
 
     def ask_cache(self, names: bytes) -> int:
         self.asked.append(names)
@@ -135,7 +134,7 @@ def runner_with_cache(model_settings, fake_native):
     return app, model, link
 
 
-def saved_entry(setup: ReuseSetup, prompt: str, tokens: int = 0) -> Tuple[int, Evaluated]:
+def saved_entry(setup: ReuseSetup, prompt: str, tokens: int = 0) -> tuple[int, Evaluated]:
     """An entry for prompt as a worker saves it (its state of the right shape)."""
     evaluated = Evaluated().extended(prompt, turn_offsets(prompt, CHATML.turn_start), (0, 0), fake_tokens(prompt),
                                      frozenset({151644}), True)

@@ -15,7 +15,7 @@ import resource
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import pytest
 
@@ -36,7 +36,7 @@ CHAT = ["What is a prime number?", "Give me an example.", "Is 9 one?", "Why not?
 MAX_TOKENS = 16
 
 
-def chat(process: Process, messages: List[Dict[str, str]], route: str = "openai") -> Tuple[str, int, int]:
+def chat(process: Process, messages: list[dict[str, str]], route: str = "openai") -> tuple[str, int, int]:
     """(answer, prompt tokens, cached tokens) at temperature 0, through the OpenAI or the Ollama route."""
     if route == "ollama":
         body = {"model": "qwen", "messages": messages, "stream": False,
@@ -72,7 +72,7 @@ def past_self_loaded_workers(process: Process) -> Process:
     process.fail("workers that loaded their own model are still there")
 
 
-def started(directory: Path, overrides: Dict[str, Dict[str, Any]]) -> Process:
+def started(directory: Path, overrides: dict[str, dict[str, Any]]) -> Process:
     merged = {section: {**SETTINGS.get(section, {}), **values} for section, values in overrides.items()}
     return past_self_loaded_workers(Process("watchdog.py", write_config(directory, {**SETTINGS, **merged})))
 
@@ -91,7 +91,8 @@ def test_a_house_sequence_and_a_chat_answer_as_without_the_cache(on_and_off):
     on, off = on_and_off
     for number, question in enumerate(QUESTIONS):
         messages = [{"role": "system", "content": HOUSE}, {"role": "user", "content": question}]
-        (text_on, prompt_on, cached_on), (text_off, prompt_off, cached_off) = both(on, off, lambda p: chat(p, messages))
+        (text_on, prompt_on, cached_on), (text_off, prompt_off, cached_off) = both(
+            on, off, lambda p: chat(p, messages))  # noqa: B023 (both() returns before the next question)
         assert text_on == text_off and text_on.strip(), f"question {number}: {text_on!r} != {text_off!r}"
         assert prompt_on == prompt_off > 400, "usage counts the whole prompt"
         assert cached_off == 0
@@ -99,7 +100,7 @@ def test_a_house_sequence_and_a_chat_answer_as_without_the_cache(on_and_off):
             assert cached_on == 0, "nothing was asked with this system prompt before"
         else:
             assert 400 < cached_on < prompt_on, f"question {number}: the house's turn is reused ({cached_on})"
-    messages: List[Dict[str, str]] = []
+    messages: list[dict[str, str]] = []
     for turn, question in enumerate(CHAT):
         messages.append({"role": "user", "content": question})
         (text_on, prompt_on, cached_on), (text_off, _, cached_off) = both(on, off, lambda p: chat(p, messages))
@@ -143,7 +144,7 @@ def test_the_openai_ollama_and_original_routes_share_the_cache(on_and_off):
 SYSTEM = "You are a ship's quartermaster. You list stores, crew and cargo in metric units. " * 6
 
 
-def ask(process: Process, question: str) -> Tuple[str, int, int]:
+def ask(process: Process, question: str) -> tuple[str, int, int]:
     """chat(), once the worker that answered has saved its context and exited."""
     before = set(descendants(process.popen.pid))
     answer = chat(process, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
@@ -151,7 +152,7 @@ def ask(process: Process, question: str) -> Tuple[str, int, int]:
     return answer
 
 
-def memory_files(process: Process) -> List[Path]:
+def memory_files(process: Process) -> list[Path]:
     """The watchdog's prompt cache entries, reached as its user can: /proc/<pid>/fd."""
     found = []
     for fd in Path(f"/proc/{process.popen.pid}/fd").iterdir():

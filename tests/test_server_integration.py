@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple
 
 import openai
 import pytest
@@ -40,12 +40,12 @@ API_KEY = "test-secret-key"
 BEARER = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def capital_question(country: str) -> Dict[str, Any]:
+def capital_question(country: str) -> dict[str, Any]:
     return {"prompt": f"What is the capital of {country}? Answer in one word.", "temperature": 0,
             "max_tokens": 16}
 
 
-def long_generation(max_tokens: int) -> Dict[str, Any]:
+def long_generation(max_tokens: int) -> dict[str, Any]:
     return {"prompt": LONG_PROMPT, "temperature": 0, "max_tokens": max_tokens}
 
 
@@ -56,7 +56,7 @@ def long_generation(max_tokens: int) -> Dict[str, Any]:
 
 
 
-def health(process: Process, timeout: float = 5) -> Dict[str, Any]:
+def health(process: Process, timeout: float = 5) -> dict[str, Any]:
     status, _, body = request(process.base_url, "GET", "/health", timeout=timeout)
     if status != 200:
         process.fail(f"/health answered {status}: {body!r}")
@@ -74,7 +74,7 @@ def wait_idle(process: Process, timeout: float = 60) -> None:
                timeout, process, "the server to be idle")
 
 
-def generate_json(process: Process, body: Dict[str, Any], timeout: float = 120) -> Dict[str, Any]:
+def generate_json(process: Process, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
     """One generation on the original route in JSON mode; anything but 200 fails the test."""
     status, _, answer = request(process.base_url, "POST", ROUTE, body, JSON_ACCEPT, timeout=timeout)
     if status != 200:
@@ -87,8 +87,8 @@ def assert_alive(process: Process) -> None:
         process.fail(f"the server exited with code {process.popen.returncode}")
 
 
-def http_bytes(method: str, path: str, body: Optional[bytes] = None,
-               headers: Optional[Dict[str, str]] = None) -> bytes:
+def http_bytes(method: str, path: str, body: bytes | None = None,
+               headers: dict[str, str] | None = None) -> bytes:
     """A request as bytes; body None sends no Content-Length at all."""
     lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
@@ -97,7 +97,7 @@ def http_bytes(method: str, path: str, body: Optional[bytes] = None,
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
 
-def exchange_raw(process: Process, data: bytes, timeout: float = 30) -> Tuple[int, Dict[str, str], bytes]:
+def exchange_raw(process: Process, data: bytes, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
     """Send bytes exactly as given; parse the reply (a reply without a status line fails the test)."""
     with socket.create_connection(("127.0.0.1", process.port), timeout=timeout) as connection:
         connection.sendall(data)
@@ -120,11 +120,11 @@ def log_since(process: Process, offset: int) -> str:
         return handle.read().decode("utf-8", "replace")
 
 
-def access_line(status: int, path: str = "") -> "re.Pattern[str]":
+def access_line(status: int, path: str = "") -> re.Pattern[str]:
     return re.compile(rf"gpt4all_api\.access: \S+ \S+ {re.escape(path)}\S* {status} ")
 
 
-def assert_error_body(process: Process, status: int, body: bytes, expected_status: int, code: str) -> Dict[str, Any]:
+def assert_error_body(process: Process, status: int, body: bytes, expected_status: int, code: str) -> dict[str, Any]:
     """An error reply: the expected status and {"error": {"message", "type", "param", "code"}}."""
     if status != expected_status:
         process.fail(f"expected {expected_status} ({code}), got {status}: {body[:300]!r}")
@@ -141,7 +141,7 @@ def assert_error_body(process: Process, status: int, body: bytes, expected_statu
 
 def run_in_thread(function: Callable[[], Any]) -> Callable[[float], Any]:
     """Start function in a thread; the returned join(timeout) gives its result or re-raises its error."""
-    outcome: Dict[str, Any] = {}
+    outcome: dict[str, Any] = {}
 
     def target() -> None:
         try:
@@ -171,9 +171,9 @@ def run_in_thread(function: Callable[[], Any]) -> Callable[[float], Any]:
 @pytest.fixture(scope="module")
 def start_module(tmp_path_factory):
     """start_module(overrides) -> a ready server kept for the whole module, stopped at its end."""
-    started: List[Process] = []
+    started: list[Process] = []
 
-    def start_server(overrides: Optional[Dict[str, Dict[str, Any]]] = None) -> Process:
+    def start_server(overrides: dict[str, dict[str, Any]] | None = None) -> Process:
         process = Process("gpt4all_api.py", write_config(tmp_path_factory.mktemp("server"), overrides))
         started.append(process)
         process.wait_ready()
@@ -289,7 +289,7 @@ def test_a_busy_program_elsewhere_gets_its_core_and_the_generation_stays_fast(se
 def test_eight_concurrent_generations_are_all_answered_one_at_a_time(server):
     barrier = threading.Barrier(len(CAPITALS))
 
-    def ask(country: str) -> Dict[str, Any]:
+    def ask(country: str) -> dict[str, Any]:
         barrier.wait(10)
         return generate_json(server, capital_question(country))
 
@@ -321,7 +321,7 @@ def test_queue_overflow_answers_503_with_retry_after(start):
     countries = ["Japan", "Italy", "Germany", "Spain"]
     barrier = threading.Barrier(len(countries))
 
-    def ask(country: str) -> Tuple[int, Dict[str, str], bytes]:
+    def ask(country: str) -> tuple[int, dict[str, str], bytes]:
         barrier.wait(10)
         return request(process.base_url, "POST", ROUTE, capital_question(country), timeout=120)
 
@@ -365,7 +365,7 @@ def test_client_disconnect_frees_the_model(server):
 # --------------------------------------------------------------------------------------------
 
 
-def json_post(document: Any, path: str = ROUTE, headers: Optional[Dict[str, str]] = None) -> bytes:
+def json_post(document: Any, path: str = ROUTE, headers: dict[str, str] | None = None) -> bytes:
     return http_bytes("POST", path, json.dumps(document).encode(),
                       {"Content-Type": "application/json", **(headers or {})})
 
@@ -376,7 +376,7 @@ class BadInput(NamedTuple):
     data: bytes
     status: int
     code: str
-    header: Optional[Tuple[str, str]] = None  # a header the reply must carry
+    header: tuple[str, str] | None = None  # a header the reply must carry
 
 
 BAD_INPUTS = {

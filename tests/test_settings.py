@@ -12,7 +12,6 @@ from apiserver import settings as settings_module
 from apiserver.settings import Settings, load_settings
 from conftest import REPO, write_config
 
-
 # --------------------------------------------------------------------------------------------
 # 1. Settings
 # --------------------------------------------------------------------------------------------

@@ -4,17 +4,16 @@ the GGUF file), and the answer parser on bare, tagged, fenced, multiple, malform
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List
+from typing import Any
 
 import jinja2
 import pytest
 
 from apiserver.constraints import JsonAnswer
-from apiserver.json_output import check_json_answer, InvalidJsonOutput
+from apiserver.json_output import InvalidJsonOutput, check_json_answer
 from apiserver.model import TEMPLATES, ensure_model_file, read_gguf_metadata
 from apiserver.settings import load_settings
-from apiserver.tool_formats import (FORMATS, QWEN_DEFAULT_SYSTEM, ToolCall, call_start, parse_tool_calls,
-                                    tool_format_for)
+from apiserver.tool_formats import FORMATS, QWEN_DEFAULT_SYSTEM, ToolCall, call_start, parse_tool_calls, tool_format_for
 from conftest import write_config
 
 WEATHER = {"type": "function", "function": {
@@ -35,11 +34,11 @@ def qwen_template(tmp_path_factory) -> jinja2.Template:
     return environment.from_string(source)
 
 
-def ours(messages: List[Dict[str, Any]], tools: List[Dict[str, Any]]) -> str:
+def ours(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
     return TEMPLATES["chatml"].render(FORMATS["hermes"].render(messages, tools))
 
 
-def theirs(template: jinja2.Template, messages: List[Dict[str, Any]], tools: List[Dict[str, Any]]) -> str:
+def theirs(template: jinja2.Template, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
     """The Jinja template's messages: tool calls with their arguments as objects."""
     jinja_messages = []
     for message in messages:

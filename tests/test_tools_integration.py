@@ -4,7 +4,7 @@ and LangChain's ChatOpenAI, against `python gpt4all_api.py` on a free port."""
 from __future__ import annotations
 
 import json
-from typing import Any, List
+from typing import Any
 
 import openai
 import pytest
@@ -90,7 +90,7 @@ def test_langchain_without_a_model_name_binds_tools_and_runs_a_two_step_loop(ser
 
     chat = ChatOpenAI(base_url=server.base_url + "/v1", api_key="x", temperature=0, max_retries=0, timeout=120)
     with_tools = chat.bind_tools([get_weather])
-    messages: List[Any] = [HumanMessage("What's the weather in Paris?")]
+    messages: list[Any] = [HumanMessage("What's the weather in Paris?")]
     first = with_tools.invoke(messages)
     assert len(first.tool_calls) == 1 and first.tool_calls[0]["name"] == "get_weather", first
     assert first.tool_calls[0]["args"] == {"city": "Paris"}

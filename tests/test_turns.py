@@ -22,9 +22,9 @@ def chat(*turns: str, system: str = "Be brief.") -> str:
     return CHATML.render(messages)
 
 
-def evaluated(prompt: str, start=(0, 0), context: Evaluated = Evaluated(), complete: bool = True) -> Evaluated:
+def evaluated(prompt: str, start=(0, 0), context: Evaluated | None = None, complete: bool = True) -> Evaluated:
     """The context once prompt was evaluated from start (the fake tokenizer's ids)."""
-    return context.extended(prompt, turn_offsets(prompt, MARKERS), start, fake_tokens(prompt[start[0]:]),
+    return (context or Evaluated()).extended(prompt, turn_offsets(prompt, MARKERS), start, fake_tokens(prompt[start[0]:]),
                             MARKER_IDS, complete)
 
 

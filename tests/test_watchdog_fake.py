@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable
 
 from conftest import REPO, Process, descendants, free_port, request, wait_until, write_config
 
@@ -26,7 +26,7 @@ FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
 CRON_ENV = {"PATH": "/usr/bin:/bin", "GPT4ALL_API_WORKER_SCRIPT": str(FAKE_WORKER)}
 
 
-def start_watchdog(start: Callable[..., Process], env: Optional[Dict[str, str]] = None, **watchdog: Any) -> Process:
+def start_watchdog(start: Callable[..., Process], env: dict[str, str] | None = None, **watchdog: Any) -> Process:
     settings = dict(poll_interval=0.02, heartbeat_timeout=5, stop_timeout=5, backoff_max=2)
     settings.update(watchdog)
     process = start("watchdog.py", {"watchdog": settings}, env={**CRON_ENV, **(env or {})}, cwd="/")
@@ -39,7 +39,7 @@ def read_log(process: Process, name: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def get(process: Process, path: str = "/v1/completions", timeout: float = 20) -> Dict[str, Any]:
+def get(process: Process, path: str = "/v1/completions", timeout: float = 20) -> dict[str, Any]:
     """The fake worker's answer: {"pid", "requests_served"}."""
     status, _, body = request(process.base_url, "GET", path, timeout=timeout)
     assert status == 200, body
@@ -54,7 +54,7 @@ def attempt(function: Callable[..., Any], *args: Any) -> Any:
         return error
 
 
-def worker_pids(process: Process, zygote_too: bool = False) -> List[int]:
+def worker_pids(process: Process, zygote_too: bool = False) -> list[int]:
     """Live fake workers started for this config (their command line names it), orphans included;
     the zygote (which forks workers, and whose command line they share) only when asked."""
     log_file = process.config.parent / "logs" / "watchdog.log"
@@ -126,7 +126,7 @@ def test_a_spare_waits_for_the_loading_zygote_and_is_forked_from_it(start: Calla
     assert "in the background" not in read_log(watchdog, "server.log"), "no spare was started the ordinary way"
 
 
-def zombies_under(pid: int) -> List[int]:
+def zombies_under(pid: int) -> list[int]:
     return [child for child in descendants(pid) if process_state(child) == "Z"]
 
 
@@ -168,8 +168,8 @@ def test_without_warm_spare_each_request_gets_a_fresh_worker_too(start: Callable
 
 def test_concurrent_clients_get_no_connection_errors_across_restarts(start: Callable[..., Process]) -> None:
     watchdog = start_watchdog(start, {"FAKE_WORKER_LOAD_SECONDS": "0"}, restart_after_requests=1)
-    pids: List[int] = []
-    errors: List[str] = []
+    pids: list[int] = []
+    errors: list[str] = []
 
     def client() -> None:
         for _ in range(15):
@@ -210,7 +210,7 @@ def test_a_stopped_worker_hangs_and_is_replaced(start: Callable[..., Process]) -
 def test_a_stuck_request_has_its_stacks_dumped_and_its_worker_replaced(start: Callable[..., Process]) -> None:
     watchdog = start_watchdog(start, restart_after_requests=0, heartbeat_timeout=1, stop_timeout=1)
     victim = get(watchdog)["pid"]
-    outcome: List[Any] = []
+    outcome: list[Any] = []
     stuck = threading.Thread(target=lambda: outcome.append(attempt(get, watchdog, "/v1/completions?hang=1")))
     stuck.start()
     wait_until(lambda: "hangs (no heartbeat for" in read_log(watchdog, "watchdog.log"), 5, watchdog, "the hang")
@@ -348,7 +348,7 @@ def test_a_killed_watchdog_leaves_no_worker_and_frees_the_port(start: Callable[.
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(start: Callable[..., Process]) -> None:
     watchdog = start_watchdog(start, restart_after_requests=0)
     get(watchdog)
-    answers: List[Dict[str, Any]] = []
+    answers: list[dict[str, Any]] = []
     slow = threading.Thread(target=lambda: answers.append(get(watchdog, "/v1/completions?delay=1")))
     slow.start()
     wait_until(lambda: "delay=1" in read_log(watchdog, "server.log"), 5, watchdog, "the slow request")
@@ -373,8 +373,8 @@ def test_sighup_rolls_the_workers_without_dropping_a_request(start: Callable[...
                "the bad config to be refused")
     assert get(watchdog)["pid"] in old_pids
 
-    errors: List[str] = []
-    pids: List[int] = []
+    errors: list[str] = []
+    pids: list[int] = []
     rolled = threading.Event()
 
     def client() -> None:

@@ -13,14 +13,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import pytest
 
-from apiserver.protocol import (EXIT_CANNOT_LOAD, MSG_CANCEL, MSG_CANCELLED, MSG_DONE, MSG_FULL, MSG_GO,
-                                MSG_METRICS, MSG_PAGES, MSG_REPORT, MSG_RUNNING, MSG_STOPPED_ACCEPTING,
-                                MSG_WANT_SLOT, ZYGOTE_PAGES)
 from apiserver.api import ApiError, error_reply
+from apiserver.protocol import (
+    EXIT_CANNOT_LOAD,
+    MSG_CANCEL,
+    MSG_CANCELLED,
+    MSG_DONE,
+    MSG_FULL,
+    MSG_GO,
+    MSG_METRICS,
+    MSG_PAGES,
+    MSG_REPORT,
+    MSG_RUNNING,
+    MSG_STOPPED_ACCEPTING,
+    MSG_WANT_SLOT,
+    ZYGOTE_PAGES,
+)
 from apiserver.settings import Settings
 from apiserver.unavailable import unavailable_reply
 from conftest import REPO
@@ -32,14 +43,14 @@ class FakeProcess:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.returncode: Optional[int] = None
-        self.mtime: Optional[int] = None  # None = no sentinel
-        self.signals: List[int] = []
+        self.returncode: int | None = None
+        self.mtime: int | None = None  # None = no sentinel
+        self.signals: list[int] = []
         self.activated = False
-        self.rss: Optional[float] = None
+        self.rss: float | None = None
         self.lines = [f"fake worker {pid} says goodbye"]
         self.closed = False
-        self.told: List[bytes] = []  # control channel messages the watchdog sent it
+        self.told: list[bytes] = []  # control channel messages the watchdog sent it
 
     def tell(self, kind: bytes, payload: bytes = b"") -> None:
         self.told.append(kind + payload)
@@ -48,10 +59,10 @@ class FakeProcess:
         """The worker sends a control channel message (the Supervisor set on_message)."""
         self.on_message(kind, payload)
 
-    def poll(self) -> Optional[int]:
+    def poll(self) -> int | None:
         return self.returncode
 
-    def heartbeat(self) -> Optional[int]:
+    def heartbeat(self) -> int | None:
         return self.mtime
 
     def activate(self) -> None:
@@ -63,10 +74,10 @@ class FakeProcess:
     def dump_stacks(self) -> None:
         self.signals.append(signal.SIGUSR1)
 
-    def rss_mb(self) -> Optional[float]:
+    def rss_mb(self) -> float | None:
         return self.rss
 
-    def last_lines(self) -> List[str]:
+    def last_lines(self) -> list[str]:
         return self.lines
 
     def close(self) -> None:
@@ -86,13 +97,13 @@ class Harness:
         defaults = dict(warm_spare=True, heartbeat_timeout=5.0, stop_timeout=3.0, start_timeout=10.0,
                         backoff_max=16.0, healthy_after=30.0, state_dir=Path("/nonexistent"))
         defaults.update(settings)
-        self.processes: List[FakeProcess] = []
-        self.frozen: Optional[FakeProcess] = None  # a process whose heartbeat stopped
+        self.processes: list[FakeProcess] = []
+        self.frozen: FakeProcess | None = None  # a process whose heartbeat stopped
         self.now = 1000.0
         self.not_now = False  # the spawner answers None: "ask again next tick"
         self.supervisor = Supervisor(Settings(config_file=Path("config.ini"), **defaults), self.spawn)
 
-    def spawn(self, sentinel: Path) -> Optional[FakeProcess]:
+    def spawn(self, sentinel: Path) -> FakeProcess | None:
         if self.not_now:
             return None
         assert sentinel.name == f"worker-5000-{len(self.processes) + 1}.sentinel"
@@ -108,7 +119,7 @@ class Harness:
                 process.beat()
         self.supervisor.tick(self.now)
 
-    def state_of(self, process: FakeProcess) -> Optional[State]:
+    def state_of(self, process: FakeProcess) -> State | None:
         return next((w.state for w in self.supervisor.workers if w.process is process), None)
 
     def serving(self) -> FakeProcess:
@@ -479,6 +490,7 @@ def test_the_watchdogs_503_has_the_shape_of_every_other_error() -> None:
 def test_the_503_responder_survives_a_request_target_urlsplit_refuses() -> None:
     import selectors
     import socket as socket_module
+
     from apiserver.unavailable import Client, UnavailableResponder
     ours, theirs = socket_module.socketpair()
     with ours, theirs:
@@ -497,7 +509,7 @@ def test_the_503_responder_survives_a_request_target_urlsplit_refuses() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def serving_workers(harness: Harness, count: int) -> List[FakeProcess]:
+def serving_workers(harness: Harness, count: int) -> list[FakeProcess]:
     """Start until `count` workers are ACTIVE (and a spare READY)."""
     for _ in range(count + 3):
         harness.tick()
@@ -675,8 +687,8 @@ def test_the_watchdogs_own_503s_count_in_the_metrics() -> None:
     import selectors
     import socket
 
-    from watchdog import UNAVAILABLE_ROUTE
     from apiserver.unavailable import UnavailableResponder
+    from watchdog import UNAVAILABLE_ROUTE
 
     harness = Harness()
     selector = selectors.DefaultSelector()
@@ -704,7 +716,7 @@ class SleepingZygoteProcess:
     def __init__(self) -> None:
         self.pid, self.killed = 999999, False
 
-    def poll(self) -> Optional[int]:
+    def poll(self) -> int | None:
         return -9 if self.killed else None
 
     def send(self, signum: int) -> None:
@@ -775,7 +787,7 @@ def test_a_zygote_that_does_not_answer_a_fork_is_restarted(tmp_path: Path, caplo
 
 def test_a_workers_written_pages_go_to_the_zygote(tmp_path: Path) -> None:
     harness = Harness()
-    forwarded: List[bytes] = []
+    forwarded: list[bytes] = []
     harness.supervisor.on_pages = forwarded.append
     harness.serving().say(MSG_PAGES, b"[[4096, 8192]]")
     assert forwarded == [b"[[4096, 8192]]"]

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable
 
 import pytest
 
@@ -24,7 +24,7 @@ from fake_model import FakeModel
 ROUTE = "/gpt4all_api"
 
 
-def make_app(settings: Settings, model: Optional[FakeModel] = None, **overrides: Any) -> App:
+def make_app(settings: Settings, model: FakeModel | None = None, **overrides: Any) -> App:
     """An App on the settings (with overrides); its runner drives model, or None = still loading."""
     settings = dataclasses.replace(settings, **overrides)
     app = build_app(settings)
@@ -33,8 +33,8 @@ def make_app(settings: Settings, model: Optional[FakeModel] = None, **overrides:
     return app
 
 
-def make_request(method: str = "POST", path: str = ROUTE, body: Any = None, headers: Optional[Dict[str, str]] = None,
-                 query: Optional[Dict[str, str]] = None, **kwargs: Any) -> Request:
+def make_request(method: str = "POST", path: str = ROUTE, body: Any = None, headers: dict[str, str] | None = None,
+                 query: dict[str, str] | None = None, **kwargs: Any) -> Request:
     """A Request; a dict or list body is sent as JSON, a str body as its UTF-8 bytes."""
     headers = {name.lower(): value for name, value in (headers or {}).items()}
     if isinstance(body, (dict, list)):
@@ -45,7 +45,7 @@ def make_request(method: str = "POST", path: str = ROUTE, body: Any = None, head
     return Request(method, path, dict(query or {}), headers, body or b"", **kwargs)
 
 
-def chatml(user: str, system: Optional[str] = None) -> str:
+def chatml(user: str, system: str | None = None) -> str:
     """The ChatML prompt for one user message, written out by hand."""
     text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
     return text + f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
@@ -64,9 +64,9 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -
         time.sleep(0.005)
 
 
-def run_in_thread(function: Callable[[], Any]) -> Dict[str, Any]:
+def run_in_thread(function: Callable[[], Any]) -> dict[str, Any]:
     """Start function in a thread; the dict gets "result" or "error", and "thread"."""
-    outcome: Dict[str, Any] = {}
+    outcome: dict[str, Any] = {}
 
     def target() -> None:
         try:
@@ -79,11 +79,11 @@ def run_in_thread(function: Callable[[], Any]) -> Dict[str, Any]:
     return outcome
 
 
-def sse_events(reply: api.Reply) -> List[Any]:
+def sse_events(reply: api.Reply) -> list[Any]:
     """Run a streamed reply; return its events, parsed JSON or the final "[DONE]"."""
     assert reply.stream is not None
     assert reply.headers["Content-Type"].startswith("text/event-stream")
-    emitted: List[bytes] = []
+    emitted: list[bytes] = []
     reply.stream(emitted.append)
     raw = b"".join(emitted).decode("utf-8")
     assert raw.endswith("\n\n")
