@@ -11,8 +11,9 @@ worker, handing over the socket, a sentinel file and a control pipe through envi
 once and forks the workers.
 
 This file owns the process's life (WorkerLife: open or inherit the socket, load, wait for
-activation, serve, drain, exit), the zygote and main(); the parts live in apiserver/ (its
-__init__.py shows the layout). Imports everything in apiserver; nothing imports this file.
+activation, serve, drain, exit) and main(); the parts live in apiserver/ (its __init__.py shows the
+layout; the zygote's loop is apiserver/zygote.py, the model's loading apiserver/preload.py).
+Imports everything in apiserver; nothing imports this file.
 """
 
 from __future__ import annotations
@@ -27,25 +28,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from apiserver.cpu_share import CpuShare, watch_cpu_share
-from apiserver.engine import ModelRunner
-from apiserver.forking import serve_fork_requests
 from apiserver.http_server import Server, serve_until_stopped
-from apiserver.huge_pages import collapse_into_huge_pages, move_weights_into_huge_pages
 from apiserver.metrics import Box, Totals, accept_queue_length, render
-from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model, warm_up
-from apiserver.model_facts import gguf_header
-from apiserver.pages import LearnedPages, Ranges, own_written_pages, populate, probe_written_pages
-from apiserver.prefix import Prefix, evaluate_prefix, pre_warm
+from apiserver.pages import own_written_pages
+from apiserver.preload import ModelLoader, Preloaded
 from apiserver.protocol import (
     ENV_BACKGROUND,
     ENV_CONTROL_FD,
     ENV_LISTEN_FD,
     ENV_SENTINEL,
-    ENV_ZYGOTE_FD,
-    ENV_ZYGOTE_SERVES,
     EXIT_CANNOT_LOAD,
     EXIT_OK,
     HEARTBEAT_EVERY,
@@ -55,86 +48,15 @@ from apiserver.protocol import (
     WatchdogLink,
     set_process_name,
 )
-from apiserver.reuse_setup import ReuseSetup, prepare_reuse
 from apiserver.routes import build_app
 from apiserver.settings import Settings, add_address_arguments, configure_logging, load_settings
+from apiserver.zygote import run_zygote
 
 log = logging.getLogger("gpt4all_api")
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "config.ini"
 
-
-
-class Preloaded(NamedTuple):
-    """What the zygote hands each worker it forks."""
-    model: Any
-    template: ChatTemplate
-    cpu_share: CpuShare | None
-    prefix: Prefix | None  # the system prompt, evaluated
-    reuse: ReuseSetup  # the turn markers' ids, and whether saved contexts can be restored
-    written_pages: Ranges  # what a generation writes: copied before the worker is ready
-    report_pages: bool = False  # tell the zygote, after the request, which pages this worker wrote
-
-
-def lower_this_thread_priority() -> None:
-    """Load at idle priority: a spare loading its model while the active worker generates would slow
-    that generation (the README's "The watchdog" has the figure). Linux scopes this to the calling
-    thread, so the threads that generate later (started by the serving threads) keep the normal
-    priority. Only when the watchdog says another worker is serving (an unprivileged thread cannot
-    undo it, and a load nobody is waiting behind should get the whole machine). Never in a forked
-    worker: pages it shares with the active worker would make this a priority inversion."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux
-        pass
-
-
-def saves_contexts(settings: Settings) -> bool:
-    """Workers that exit after their requests save their contexts for the next ones (prompt_cache)."""
-    return settings.prompt_cache and settings.restart_after_requests > 0
-
-
-class ModelLoader(threading.Thread):
-    """Loads the model (or takes the zygote's) in the background; then runner or error is set."""
-
-    def __init__(self, settings: Settings, heartbeat: Sentinel, preloaded: Preloaded | None, background: bool,
-                 worker: bool):
-        super().__init__(name="model-loader", daemon=True)
-        self.settings, self.heartbeat, self.preloaded, self.background = settings, heartbeat, preloaded, background
-        self.worker = worker  # run by the watchdog
-        self.runner: ModelRunner | None = None
-        self.error: str | None = None
-        self.load_seconds: float | None = None  # None: the zygote loaded it
-
-    def run(self) -> None:
-        settings = self.settings
-        if self.background:
-            lower_this_thread_priority()
-        try:
-            started = time.monotonic()
-            if self.preloaded:
-                model, template, cpu_share = self.preloaded.model, self.preloaded.template, self.preloaded.cpu_share
-                prefix, reuse = self.preloaded.prefix, self.preloaded.reuse
-                copied = populate(self.preloaded.written_pages)  # the first request would copy them, slower
-                how = (f"forked from the zygote (pre-warmed: {copied / 2**20:.0f} MiB copied in "
-                       f"{(time.monotonic() - started) * 1000:.0f} ms), which loaded")
-            else:
-                model = load_model(settings)
-                template, cpu_share = choose_template(settings, settings.model_file), watch_cpu_share(settings)
-                self.load_seconds = time.monotonic() - started
-                # Where a zygote forks the workers, it runs the self-test, once: a worker that loaded
-                # its own model meanwhile serves a few requests at most, and saves nothing.
-                entries = self.worker and saves_contexts(settings) and os.environ.get(ENV_ZYGOTE_SERVES) != "1"
-                reuse = prepare_reuse(model, settings, template, entries)
-                prefix = evaluate_prefix(model, settings, template, reuse.tokenizer())
-                how = f"loaded in {self.load_seconds:.2f}s:"
-            self.runner = ModelRunner(model, settings, template, self.heartbeat.touch, cpu_share, prefix, reuse)
-            log.info("%s model %s (template %s, n_ctx %d)", how, settings.model_id, template.name, settings.n_ctx)
-        except CannotLoad as error:
-            self.error = str(error)
-        except Exception as error:
-            self.error = f"cannot load the model: {error!r}"
 
 
 class WorkerLife:
@@ -316,46 +238,6 @@ class WorkerLife:
         return EXIT_OK
 
 
-def run_zygote(settings: Settings) -> int:
-    """The watchdog's zygote (Linux): load the model once, then fork a ready worker per request.
-
-    A fork costs milliseconds and shares the model's memory, so a fresh worker per request no
-    longer pays, or makes the active worker pay, a model load. The zygote never serves and stays
-    single-threaded, which keeps fork() safe. It loads at normal priority: at idle priority a steady
-    stream of requests would starve it, and it loads once, when the first worker is active.
-    """
-    channel = socket.socket(fileno=int(os.environ.pop(ENV_ZYGOTE_FD)))
-    set_process_name("gpt4all-zygote")
-    started = time.monotonic()
-    try:
-        model = load_model(settings)
-    except CannotLoad as error:
-        log.critical("%s", error)
-        return EXIT_CANNOT_LOAD
-    if settings.huge_pages:  # before anything runs on the weights: each fork and exit is cheaper then
-        move_weights_into_huge_pages(settings.model_file)
-    load_seconds = time.monotonic() - started
-    warm_up(model, settings)
-    template = choose_template(settings, settings.model_file)
-    reuse = prepare_reuse(model, settings, template, entries=saves_contexts(settings))
-    prefix = evaluate_prefix(model, settings, template, reuse.tokenizer())  # every forked worker starts with it
-    written_pages = probe_written_pages(lambda: pre_warm(model, settings, template, prefix))
-    if settings.huge_pages:  # the memory every worker starts from: fewer page-table entries to copy and drop
-        collapse_into_huge_pages()
-    stat = settings.model_file.stat()
-    gguf_header(str(settings.model_file), stat.st_size, stat.st_mtime_ns)  # read once; the workers inherit it
-    # Keep reading the CPU load, so that a forked worker starts with the thread count it needs.
-    cpu_share = watch_cpu_share(settings)
-    log.info("zygote: model %s loaded, pid %d", settings.model_id, os.getpid())
-    learned = LearnedPages(written_pages)  # and, from the first workers' requests, what a real one writes
-
-    def run_worker() -> int:  # in the forked worker: what the zygote knew at the fork
-        return WorkerLife(settings, preloaded=Preloaded(model, template, cpu_share, prefix, reuse, learned.ranges,
-                                                        report_pages=learned.wanted)).run()
-    return serve_fork_requests(channel, run_worker, every_half_second=cpu_share.update if cpu_share else None,
-                               load_seconds=load_seconds, on_pages=learned.receive)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve a GGUF model over HTTP through gpt4all.")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
@@ -370,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     under_watchdog = ENV_LISTEN_FD in os.environ or arguments.zygote
     configure_logging(settings, None if under_watchdog else "server.log")
     faulthandler.enable()
-    code = run_zygote(settings) if arguments.zygote else WorkerLife(settings).run()
+    if arguments.zygote:
+        code = run_zygote(settings, lambda preloaded: WorkerLife(settings, preloaded).run())
+    else:
+        code = WorkerLife(settings).run()
     logging.shutdown()
     return code
 

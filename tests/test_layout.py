@@ -49,6 +49,9 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "routes": {"settings", "api", "seed_api", "openai_api", "ollama_api", "metrics_api"},
     "http_server": {"engine", "api", "metrics"},
     "unavailable": set(),
+    "preload": {"settings", "protocol", "cpu_share", "model", "pages", "prefix", "reuse_setup", "engine"},
+    "zygote": {"settings", "protocol", "forking", "cpu_share", "model", "model_facts", "pages", "huge_pages",
+               "prefix", "reuse_setup", "preload"},
 }
 
 
