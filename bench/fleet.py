@@ -6,7 +6,7 @@ workers   through watchdog.py (restart after every request, the defaults), `work
           `workers = 1` in the same run: aggregate tokens/s of four concurrent clients, and the
           latency of one client alone (the lone worker must take every free core).
 metrics   GET /metrics latency (median, p99) while a generation runs, `workers = 1`.
-nginx     with nginx installed: the README's nginx configuration in front of one watchdog (both
+nginx     with nginx installed: the nginx configuration of docs/operations.md in front of one watchdog (both
           upstream lines point at it, so both ways meet the same box in the same state), against
           going direct, taking turns: time to first streamed token and total latency.
 
@@ -111,9 +111,9 @@ def bench_metrics(workdir: Path, rounds: int) -> dict:
 
 
 def nginx_config(upstream_ports: list[int], listen_port: int, tmp: Path) -> str:
-    """The README's nginx block on our ports, inside a minimal nginx.conf (as the nginx test does)."""
-    from test_nginx_integration import nginx_conf, readme_nginx_block, with_ports  # the test owns the extraction
-    return nginx_conf(with_ports(readme_nginx_block(), upstream_ports, listen_port), tmp)
+    """The documented nginx block (docs/operations.md) on our ports, inside a minimal nginx.conf (as the nginx test does)."""
+    from test_nginx_integration import documented_nginx_block, nginx_conf, with_ports  # the test owns the extraction
+    return nginx_conf(with_ports(documented_nginx_block(), upstream_ports, listen_port), tmp)
 
 
 def bench_nginx(workdir: Path, rounds: int) -> dict:

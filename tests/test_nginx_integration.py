@@ -1,6 +1,7 @@
-"""The README's nginx configuration in front of two real watchdogs: a box killed mid-load, streams, metrics.
+"""The documented nginx configuration (docs/operations.md) in front of two real watchdogs: a box killed
+mid-load, streams, metrics.
 
-nginx runs the block that follows `<!-- nginx-config -->` in README.md as it is, only its ports
+nginx runs the block that follows `<!-- nginx-config -->` in docs/operations.md as it is, only its ports
 changed, inside a minimal nginx.conf in tmp_path (its own pid, logs and temp files; no root needed).
 Two watchdogs on the real model stand behind it. One of them is SIGKILLed with all its workers while
 4 clients send 40 requests through nginx; every request not in flight on that box at that moment must
@@ -59,14 +60,14 @@ UPSTREAM_HEADER = "x-test-upstream"
 
 
 # --------------------------------------------------------------------------------------------
-# nginx: the README's block, in a configuration of its own.
+# nginx: the documented block, in a configuration of its own.
 # --------------------------------------------------------------------------------------------
 
-def readme_nginx_block() -> str:
-    """The ```nginx block that directly follows the line <!-- nginx-config --> in README.md."""
-    match = re.search(r"^<!-- nginx-config -->\n```nginx\n(.*?)^```$", (REPO / "README.md").read_text(),
+def documented_nginx_block() -> str:
+    """The ```nginx block that directly follows the line <!-- nginx-config --> in docs/operations.md."""
+    match = re.search(r"^<!-- nginx-config -->\n```nginx\n(.*?)^```$", (REPO / "docs" / "operations.md").read_text(),
                       re.DOTALL | re.MULTILINE)
-    assert match, "README.md has no ```nginx block right after <!-- nginx-config -->"
+    assert match, "docs/operations.md has no ```nginx block right after <!-- nginx-config -->"
     return match.group(1)
 
 
@@ -108,7 +109,7 @@ http {{
 
 
 class Nginx:
-    """nginx in the foreground on the README's configuration, its output and logs in its directory."""
+    """nginx in the foreground on the documented configuration, its output and logs in its directory."""
 
     def __init__(self, directory: Path, upstream_ports: list[int]) -> None:
         directory.mkdir()
@@ -116,7 +117,7 @@ class Nginx:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         config = directory / "nginx.conf"
-        config.write_text(nginx_conf(with_ports(readme_nginx_block(), upstream_ports, self.port), directory))
+        config.write_text(nginx_conf(with_ports(documented_nginx_block(), upstream_ports, self.port), directory))
         command = [NGINX, "-p", str(directory), "-c", str(config), "-e", str(directory / "error.log")]
         check = subprocess.run(command + ["-t"], capture_output=True, text=True)
         if check.returncode != 0:
@@ -421,7 +422,7 @@ class FullBox(http.server.BaseHTTPRequestHandler):
 
 def test_a_full_fleet_answers_503_with_retry_after_never_502(nginx_in_front):
     """Every box answered 503, so nginx counts each as failed (max_fails) and, for fail_timeout, has no
-    box left: its own answer then is a 502 page, which the README's error_page turns into a 503."""
+    box left: its own answer then is a 502 page, which the documented error_page turns into a 503."""
     boxes = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), FullBox) for _ in range(2)]
     for box in boxes:
         threading.Thread(target=box.serve_forever, daemon=True).start()
