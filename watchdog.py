@@ -29,16 +29,15 @@ is active, ready or starting it answers the clients itself: 503 with the reason
 config, roll the workers. Exit status 1: another watchdog holds the lock; 2: bad config or cannot
 listen. The prompt cache's saved contexts live here too (apiserver/cache_store.py), so that they
 outlive the workers that saved them. It imports only apiserver.settings, protocol, unavailable,
-metrics and cache_store: never gpt4all, never the HTTP server (tests/test_layout.py checks). Read top to bottom: the worker's
-process, the state machine, the process-wide pieces, main().
+metrics, cache_store, worker_process and zygote_client (the processes' handles): never
+gpt4all, never the HTTP server (tests/test_layout.py checks). Read top to bottom: the state
+machine, the process-wide pieces, main().
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import ctypes
 import dataclasses
 import enum
 import fcntl
@@ -46,11 +45,9 @@ import json
 import logging
 import math
 import os
-import re
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -61,16 +58,7 @@ from apiserver.cache_store import CacheStore
 from apiserver.metrics import Box, Totals, accept_queue_length, render
 from apiserver.protocol import (
     BACKOFF_START,
-    ENV_BACKGROUND,
-    ENV_CONTROL_FD,
-    ENV_LISTEN_FD,
-    ENV_SENTINEL,
-    ENV_WATCHDOG_PID,
-    ENV_ZYGOTE_FD,
-    ENV_ZYGOTE_SERVES,
     EXIT_CANNOT_LOAD,
-    MAX_FDS,
-    MAX_MESSAGE,
     MSG_CANCEL,
     MSG_CANCELLED,
     MSG_DONE,
@@ -84,461 +72,25 @@ from apiserver.protocol import (
     MSG_RUNNING,
     MSG_STOPPED_ACCEPTING,
     MSG_WANT_SLOT,
-    ZYGOTE_PAGES,
     Backoff,
-    control_channel,
     set_process_name,
 )
 from apiserver.settings import Settings, add_address_arguments, configure_logging, load_settings, rotating_log_handler
 from apiserver.unavailable import UnavailableResponder
+from apiserver.worker_process import WorkerProcess, become_subreaper, describe_exit, log_message_of, state_file, worker_command
+from apiserver.zygote_client import ZYGOTE_SENTINEL, Zygote
 
 log = logging.getLogger("watchdog")
 # The workers' output, written as is (the workers format their own lines) to logs/server.log.
 server_log = logging.getLogger("watchdog.server_log")
 
-WORKER_SCRIPT_ENV = "GPT4ALL_API_WORKER_SCRIPT"  # undocumented: tests run tests/fake_worker.py
-OUTPUT_LINES_KEPT = 30
-FORK_TIMEOUT = 5.0  # seconds the zygote may take to say the pid of a worker it forks
 HERE = Path(__file__).resolve().parent
 # Files in state_dir, named for the port (state_file()).
-LOCK_FILE, WORKER_SENTINEL, ZYGOTE_SENTINEL = "watchdog-{port}.lock", "worker-{port}-{serial}.sentinel", \
-    "zygote-{port}.sentinel"
+LOCK_FILE, WORKER_SENTINEL = "watchdog-{port}.lock", "worker-{port}-{serial}.sentinel"
 # The metrics' route label of the 503s the watchdog answers itself while no worker can serve.
 UNAVAILABLE_ROUTE = "(watchdog: no worker can serve)"
 # Settings that belong to the socket or the lock: a SIGHUP cannot change them.
 RESTART_ONLY_SETTINGS = ("host", "port", "backlog", "state_dir")
-
-
-# --------------------------------------------------------------------------------------------
-# A worker's process: the only part of the state machine that touches the operating system.
-# --------------------------------------------------------------------------------------------
-
-
-def worker_command(settings: Settings) -> list[str]:
-    """The worker's command line: our config, and our address (which may come from our command line)."""
-    script = os.environ.get(WORKER_SCRIPT_ENV) or str(HERE / "gpt4all_api.py")
-    return [sys.executable, "-u", script, "--config", str(settings.config_file), "--host", settings.host,
-            "--port", str(settings.port)]
-
-
-def state_file(settings: Settings, name: str, **fields: object) -> Path:
-    """A file in state_dir named for our port, so that watchdogs on other ports share the folder."""
-    return settings.state_dir / name.format(port=settings.port, **fields)
-
-
-def describe_exit(returncode: int, killed_by_us: bool) -> str:
-    """A return code in words, as the log shows it."""
-    if returncode >= 0:
-        return f"exited with code {returncode}"
-    try:
-        name = signal.Signals(-returncode).name
-    except ValueError:
-        name = f"signal {-returncode}"
-    if -returncode == signal.SIGKILL and not killed_by_us:
-        return f"killed by {name}: out of memory?"
-    return f"killed by {name}"
-
-
-LOG_PREFIX = re.compile(r"^\S+ \S+ [A-Z]+ \[\d+\] [\w.]+: ")  # settings.LOG_FORMAT up to the message
-
-
-def log_message_of(line: str) -> str:
-    """A worker's log line without its time, level, pid and logger: the reason alone."""
-    return LOG_PREFIX.sub("", line)
-
-
-class WorkerProcess:
-    """One worker's process group, control pipe, sentinel file and output pipe.
-
-    The Supervisor uses only pid and the methods, so unit tests replace this class with a fake.
-    """
-
-    def __init__(self, popen: subprocess.Popen | ForkedProcess, control: socket.socket, sentinel: Path,
-                 selector: selectors.BaseSelector) -> None:
-        self.popen = popen
-        self.pid = popen.pid
-        self.control: socket.socket | None = control
-        self.sentinel = sentinel
-        self.selector = selector
-        assert popen.stdout is not None, "workers are started with their output on a pipe"
-        self.output: IO[bytes] | None = popen.stdout
-        os.set_blocking(popen.stdout.fileno(), False)
-        selector.register(popen.stdout, selectors.EVENT_READ, self.read_output)
-        control.setblocking(False)
-        selector.register(control, selectors.EVENT_READ, self.read_messages)
-        # What the worker says on its control channel (kind, payload, fds): set by the Supervisor.
-        self.on_message: Callable[..., None] = lambda kind, payload, fds=(): None
-        self.partial_line = b""
-        self.recent_lines: collections.deque = collections.deque(maxlen=OUTPUT_LINES_KEPT)
-        self.echo_to_log = False
-
-    @classmethod
-    def spawn(cls, command: list[str], listen_fd: int, sentinel: Path,
-              selector: selectors.BaseSelector, zygote_fd: int | None = None,
-              background: bool = False, zygote_serves: bool = False) -> WorkerProcess:
-        """Start a worker (or, with zygote_fd, the zygote) in its own process group; only it gets
-        its end of the control channel. A background worker loads at idle priority. Our session,
-        not one of its own: Linux's autogroup shares the CPU between sessions first, so in a session
-        of its own an idle-priority load would still take half the machine from the active worker
-        (the README's "The watchdog" has the figures)."""
-        ours, theirs = control_channel()  # both non-inheritable: no other child gets them
-        env = dict(os.environ, **{ENV_WATCHDOG_PID: str(os.getpid())})
-        if zygote_fd is None:
-            env.update({ENV_LISTEN_FD: str(listen_fd), ENV_CONTROL_FD: str(theirs.fileno()),
-                        ENV_SENTINEL: str(sentinel), ENV_BACKGROUND: "1" if background else "0",
-                        ENV_ZYGOTE_SERVES: "1" if zygote_serves else "0"})
-            passed: tuple[int, ...] = (listen_fd, theirs.fileno())
-        else:  # the zygote hands each forked worker its own fds; it needs the channel only
-            command, passed = command + ["--zygote"], (zygote_fd,)
-            env[ENV_ZYGOTE_FD] = str(zygote_fd)
-        try:
-            popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, pass_fds=passed,
-                                     preexec_fn=os.setpgrp, env=env)
-        except OSError:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        return cls(popen, ours, sentinel, selector)
-
-    def poll(self) -> int | None:
-        return self.popen.poll()
-
-    def heartbeat(self) -> int | None:
-        """The sentinel's mtime in ns, None while it does not exist."""
-        try:
-            return os.stat(self.sentinel).st_mtime_ns
-        except FileNotFoundError:
-            return None
-
-    def activate(self) -> None:
-        self.tell(b"A")
-
-    def tell(self, kind: bytes, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
-        """One message on the control channel (with file descriptors, duplicated into the worker);
-        lost if the worker has just died (poll() tells how)."""
-        if self.control is not None:
-            try:
-                if fds:
-                    socket.send_fds(self.control, [kind + payload], list(fds))
-                else:
-                    self.control.send(kind + payload)
-            except OSError:
-                pass
-
-    def read_messages(self) -> None:
-        """Pass each message the worker sent to on_message, until none is waiting. The message's
-        file descriptors are on_message's to keep or close."""
-        while self.control is not None:
-            try:
-                data, fds, _, _ = socket.recv_fds(self.control, MAX_MESSAGE, MAX_FDS)
-            except BlockingIOError:
-                return
-            except OSError:
-                data, fds = b"", []
-            if not data:
-                for fd in fds:
-                    os.close(fd)
-                self.close_control()
-                return
-            self.on_message(data[:1], data[1:], fds)
-
-    def close_control(self) -> None:
-        if self.control is not None:
-            self.selector.unregister(self.control)
-            self.control.close()
-            self.control = None
-
-    def send(self, signum: int) -> None:
-        """Signal the worker's whole process group."""
-        try:
-            os.killpg(self.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def dump_stacks(self) -> None:
-        """SIGUSR1: the worker's faulthandler writes its stacks, copied from now on into watchdog.log."""
-        self.echo_to_log = True
-        try:
-            os.kill(self.pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            pass
-
-    def rss_mb(self) -> float | None:
-        try:
-            with open(f"/proc/{self.pid}/status", encoding="ascii", errors="replace") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except (OSError, ValueError, IndexError):
-            pass
-        return None
-
-    def read_output(self) -> None:
-        """Copy what the worker printed into server.log a line at a time, until the pipe is empty."""
-        while self.output is not None:
-            try:
-                data = os.read(self.output.fileno(), 1 << 16)
-            except BlockingIOError:
-                return
-            if not data:
-                self.close_output()
-                data = b"\n" if self.partial_line else b""
-            *lines, self.partial_line = (self.partial_line + data).split(b"\n")
-            for line in lines:
-                self.record_line(line.decode("utf-8", "replace").rstrip("\r"))
-
-    def record_line(self, line: str) -> None:
-        self.recent_lines.append(line)
-        server_log.info("%s", line)
-        if self.echo_to_log:
-            log.warning("pid %d: %s", self.pid, line)
-
-    def last_lines(self) -> list[str]:
-        return list(self.recent_lines)
-
-    def close_output(self) -> None:
-        if self.output is not None:
-            self.selector.unregister(self.output)
-            self.output.close()
-            self.output = None
-
-    def close(self) -> None:
-        """After the exit: read its last words and messages, close our ends, remove its sentinel."""
-        self.read_output()
-        self.close_output()
-        self.read_messages()
-        self.close_control()
-        self.sentinel.unlink(missing_ok=True)
-
-
-class ForkedProcess:
-    """What WorkerProcess needs of a Popen, for a worker forked by the zygote. The zygote is its
-    parent and tells us its exit (Zygote.receive sets returncode); if the zygote died first, the
-    worker became our child (we are a child subreaper) and we wait for it ourselves."""
-
-    def __init__(self, pid: int, stdout: IO[bytes], hear_zygote: Callable[[int], None]) -> None:
-        self.pid, self.stdout, self.hear_zygote = pid, stdout, hear_zygote
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # the zygote's child: its exit comes as a message
-                if not self.exists():
-                    self.hear_zygote(self.pid)  # the zygote sent it before the pid could go
-                    if self.returncode is None:  # lost with the zygote
-                        self.returncode = -int(signal.SIGKILL)
-            else:
-                if pid:
-                    self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def exists(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except (ProcessLookupError, PermissionError):  # gone, or the pid is another user's now
-            return False
-        return True
-
-
-def become_subreaper() -> bool:
-    """PR_SET_CHILD_SUBREAPER: orphaned descendants (the zygote's workers) become our children."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-class Zygote:
-    """A gpt4all_api.py process that loads the model once and forks ready workers in milliseconds.
-
-    A fresh worker per request would otherwise load the model each time, on the cores the active
-    worker is generating on. Any failure here (not Linux, not ready yet, dead, slow to answer) makes
-    spawn() return None, and the worker is started the ordinary way.
-    """
-
-    def __init__(self, settings: Settings, listener: socket.socket, selector: selectors.BaseSelector) -> None:
-        self.settings, self.listener, self.selector = settings, listener, selector
-        self.process: WorkerProcess | None = None
-        self.channel: socket.socket | None = None
-        self.ready = False
-        self.starts = 0
-        self.started_at = 0.0
-        self.backoff = Backoff(settings.backoff_max)
-        self.load_seconds: float | None = None
-        # A fork asked for and not answered yet (the watchdog never waits for it: a worker's request
-        # for a generation slot, arriving meanwhile, would wait as long), and one answered but not
-        # yet taken by spawn().
-        self.asked: tuple[Path, socket.socket, int, float] | None = None  # sentinel, our end, output, when
-        self.forked: WorkerProcess | None = None
-        self.workers: dict[int, ForkedProcess] = {}  # forked and not yet told to have exited
-
-    @property
-    def loading(self) -> bool:
-        """Loading, or about to start for the first time: it will fork the next spare."""
-        return not self.ready and (self.process is not None or self.starts == 0)
-
-    def start(self, now: float) -> None:
-        channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.channel = channel
-        try:
-            self.process = WorkerProcess.spawn(worker_command(self.settings), self.listener.fileno(),
-                                               state_file(self.settings, ZYGOTE_SENTINEL), self.selector,
-                                               zygote_fd=theirs.fileno())
-        except OSError as error:
-            log.warning("cannot start the zygote: %s", error)
-            self.channel.close()
-            self.channel = None
-        finally:
-            theirs.close()
-        self.ready, self.starts, self.started_at = False, self.starts + 1, now
-        if self.process:
-            channel.setblocking(False)
-            self.selector.register(channel, selectors.EVENT_READ, self.receive)
-            log.info("zygote (pid %d) loading the model", self.process.pid)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.send(signal.SIGKILL)
-            while self.process.poll() is None:
-                time.sleep(0.01)
-            self.process.close()
-        self.receive()  # the exits it told before it died; its living workers are our children now
-        if self.channel is not None:
-            self.selector.unregister(self.channel)
-            self.channel.close()
-        self.process, self.channel, self.ready = None, None, False
-        self.workers.clear()
-        self.forget_fork()
-
-    def forget_fork(self) -> None:
-        """Drop the fork asked for, and kill one forked but not taken (nobody will watch it)."""
-        if self.asked is not None:
-            _, ours, output_read, _ = self.asked
-            ours.close()
-            os.close(output_read)
-            self.asked = None
-        if self.forked is not None:
-            self.forked.send(signal.SIGKILL)  # its group, and itself (it may not have made its group yet)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.forked.pid, signal.SIGKILL)
-            self.forked.close()
-            self.forked = None
-
-    def receive(self) -> None:
-        """The zygote speaks: "ready <load seconds>" once, then the pid of each worker it forked,
-        and "exit <pid> <code>" when one ends."""
-        while self.channel is not None:
-            try:
-                message = self.channel.recv(64).decode("ascii", "replace")
-            except BlockingIOError:
-                return
-            except OSError:
-                message = ""
-            if not message:  # it died: check() notices and restarts it
-                self.selector.unregister(self.channel)
-                self.channel.close()
-                self.channel = None
-                return
-            word, _, rest = message.partition(" ")
-            if word == "ready" and not self.ready:
-                self.ready = True
-                try:
-                    self.load_seconds = float(rest) if rest else self.load_seconds
-                except ValueError:
-                    pass
-                log.info("zygote (pid %s) ready: workers are forked from it", self.process.pid if self.process else "?")
-            elif word == "exit":
-                self.worker_exited(rest)
-            elif word.isdigit() and self.asked is not None:
-                sentinel, ours, output_read, _ = self.asked
-                self.asked = None
-                process = ForkedProcess(int(word), os.fdopen(output_read, "rb", buffering=0), self.worker_gone)
-                self.workers[process.pid] = process
-                self.forked = WorkerProcess(process, ours, sentinel, self.selector)
-
-    def worker_gone(self, pid: int) -> None:
-        """A worker's pid is gone: read what the zygote said of it, and wait for its word no more."""
-        self.receive()
-        self.workers.pop(pid, None)
-
-    def worker_exited(self, pid_and_code: str) -> None:
-        """ "exit <pid> <code>": one of the zygote's workers ended (it is reaped right after)."""
-        try:
-            pid, code = map(int, pid_and_code.split())
-        except ValueError:
-            return
-        process = self.workers.pop(pid, None)
-        if process is not None:
-            process.returncode = code
-
-    def check(self, now: float, may_start: bool) -> None:
-        """Notice readiness and deaths; restart a dead zygote (when may_start: a worker serves and
-        none loads), backing off while it keeps dying."""
-        code = self.process.poll() if self.process is not None else None
-        if self.process is not None and code is not None:
-            log.warning("zygote (pid %d) %s; workers are started without it", self.process.pid,
-                        describe_exit(code, False))
-            if self.ready:
-                self.backoff.reset()  # it served its purpose: start the next one at once
-            else:
-                self.backoff.fail(now)
-            self.stop()
-        if self.process is None and not self.backoff.waiting(now) and may_start:
-            self.start(now)
-        if self.process is not None and not self.ready and now - self.started_at > self.settings.start_timeout:
-            log.warning("zygote (pid %d) not ready after %g s: restarting it", self.process.pid,
-                        self.settings.start_timeout)
-            self.stop()
-            self.backoff.fail(now)
-        if self.asked is not None and now - self.asked[3] > FORK_TIMEOUT:
-            log.warning("the zygote did not fork a worker in %g s: restarting it", FORK_TIMEOUT)
-            self.stop()
-
-    def learn(self, pages: bytes) -> None:
-        """A worker's written pages: the zygote adds them to what its next workers copy ahead."""
-        if self.channel is not None and self.ready:
-            try:
-                self.channel.send(ZYGOTE_PAGES + pages)
-            except OSError as error:  # too big, or the zygote is busy: its pre-warm stays as it is
-                log.info("could not pass a worker's written pages to the zygote: %s", error)
-
-    @property
-    def forking(self) -> bool:
-        """A fork was asked for: spawn() returns it soon (there is no need to start a worker otherwise)."""
-        return self.asked is not None or self.forked is not None
-
-    def spawn(self, sentinel: Path) -> WorkerProcess | None:
-        """The worker forked for sentinel, once the zygote said its pid; None until then (the first
-        call asks for it)."""
-        if self.forked is not None and self.forked.sentinel == sentinel:
-            forked, self.forked = self.forked, None
-            return forked
-        if self.forked is not None:  # forked for a worker no longer wanted
-            self.forget_fork()
-        if not self.ready or self.channel is None or self.forking:
-            return None
-        ours, theirs = control_channel()
-        output_read, output_write = os.pipe()
-        try:
-            socket.send_fds(self.channel, [str(sentinel).encode()],
-                            [self.listener.fileno(), theirs.fileno(), output_write])
-        except OSError as error:
-            log.warning("the zygote did not take a fork request (%s): restarting it", error)
-            ours.close()
-            os.close(output_read)
-            self.stop()
-        else:
-            self.asked = (sentinel, ours, output_read, time.monotonic())
-        finally:
-            theirs.close()
-            os.close(output_write)
-        return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The parts of gpt4all_api.py and watchdog.py, one concern per module, imports pointing one way.
 
 From the bottom: settings and protocol (leaves: the watchdog imports only these, and metrics,
-unavailable and cache_store, the prompt cache's saved contexts), forking (the zygote's fork loop),
+unavailable, cache_store, the prompt cache's saved contexts, and worker_process and zygote_client,
+its handles on processes), forking (the zygote's fork loop),
 cpu_share, model, then the reuse of evaluated prompts: turns (turn boundaries), kv_state (gpt4all's
 native context), cache_entry (a saved context's format), reuse_setup (markers, tokenizer, the
 self-test), prompt_cache (a worker's side of the cache), context (what the model's context holds);

@@ -49,6 +49,8 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "routes": {"settings", "api", "seed_api", "openai_api", "ollama_api", "metrics_api"},
     "http_server": {"engine", "api", "metrics"},
     "unavailable": set(),
+    "worker_process": {"settings", "protocol"},
+    "zygote_client": {"settings", "protocol", "worker_process"},
     "preload": {"settings", "protocol", "cpu_share", "model", "pages", "prefix", "reuse_setup", "engine"},
     "zygote": {"settings", "protocol", "forking", "cpu_share", "model", "model_facts", "pages", "huge_pages",
                "prefix", "reuse_setup", "preload"},
@@ -90,6 +92,6 @@ def test_importing_the_watchdog_loads_neither_gpt4all_nor_the_http_server():
                                            capture_output=True, text=True).stdout))
     ours = {name for name in loaded if name.startswith("apiserver.")}
     assert ours == {"apiserver.settings", "apiserver.protocol", "apiserver.unavailable", "apiserver.metrics",
-                    "apiserver.cache_store"}, ours
+                    "apiserver.cache_store", "apiserver.worker_process", "apiserver.zygote_client"}, ours
     assert not {name for name in loaded if name.split(".")[0] in ("gpt4all", "gpt4all_api", "http")}, \
         sorted(name for name in loaded if name.split(".")[0] in ("gpt4all", "gpt4all_api", "http"))

@@ -34,8 +34,9 @@ from apiserver.protocol import (
 )
 from apiserver.settings import Settings
 from apiserver.unavailable import unavailable_reply
+from apiserver.zygote_client import FORK_TIMEOUT
 from conftest import REPO
-from watchdog import FORK_TIMEOUT, State, Supervisor, Worker, Zygote, describe_exit
+from watchdog import State, Supervisor, Worker, Zygote, describe_exit
 
 
 class FakeProcess:
