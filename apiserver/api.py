@@ -118,7 +118,7 @@ def engine_error(error: EngineError) -> ApiError:
 class TokenBatcher:
     """The answer's text on its way to a stream: the first piece leaves at once, then the pieces
     travel in groups at most every STREAM_GROUP_SECONDS (each write wakes the client on the cores
-    that generate; the README has the cost of one write per token)."""
+    that generate; docs/benchmarks.md has the cost of one write per token)."""
 
     def __init__(self, send: Callable[[str], None]):
         self.send = send

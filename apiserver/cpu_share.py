@@ -62,7 +62,7 @@ class CpuShare:
     """The thread count for n_threads = 0: every usable core, less those other programs keep busy.
 
     llama.cpp's threads wait for one another many times per token, so a thread that another program
-    preempts stalls them all (the README's "Threads" has the figures). The others' load is the busy
+    preempts stalls them all (docs/benchmarks.md has the figures). The others' load is the busy
     time /proc/stat counts on our CPUs less our own (a worker's own: its watchdog's family), read
     every half second or more, between tokens too. A reading taken during a generation acts at once;
     readings in between must agree for ten seconds before a core is given up (a client that computed

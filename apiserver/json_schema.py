@@ -1,8 +1,10 @@
 """JSON schemas as the constrained generation follows them (json_grammar.py): local references
 resolved, anyOf / oneOf spelled out as alternatives and allOf merged, the kinds of value and the
 literals each alternative allows, the smallest valid value of a schema (what an answer forced to end
-gets), and how a value begins when the model wrote something else. ENFORCED_KEYWORDS lists the
-keywords followed; any other keyword is accepted and not enforced. Imports only the standard library.
+gets), and how a value begins when the model wrote something else. The keywords followed: type,
+properties, required, additionalProperties, items, enum, const, anyOf, oneOf (as anyOf), allOf
+(merged), local $ref, minItems, maxItems, minLength, maxLength; any other is accepted, not enforced.
+Imports only the standard library.
 """
 
 from __future__ import annotations
@@ -13,9 +15,6 @@ from typing import Any
 
 Schema = dict[str, Any]
 
-ENFORCED_KEYWORDS = ("type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf",
-                     "oneOf (as anyOf)", "allOf (merged)", "$ref (local)", "minItems", "maxItems", "minLength",
-                     "maxLength")
 KINDS = ("object", "array", "string", "number", "boolean", "null")  # a schema without "type": any, in this order
 MAX_REF_DEPTH = 32
 

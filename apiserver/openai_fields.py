@@ -176,7 +176,7 @@ def parse_response_format(fields: dict[str, Any]) -> tuple[bool, dict[str, Any] 
 
 def parse_openai_params(fields: dict[str, Any], settings: Settings) -> GenerationParams:
     """The sampling fields, with OpenAI's names: max_completion_tokens, and the presence and frequency
-    penalties mapped onto gpt4all's single repeat penalty (see the README)."""
+    penalties mapped onto gpt4all's single repeat penalty (docs/api.md)."""
     max_tokens = read_number(fields, "max_tokens", int, settings.max_tokens, 1, 1 << 31)
     max_tokens = read_number(fields, "max_completion_tokens", int, max_tokens, 1, 1 << 31)
     presence = read_number(fields, "presence_penalty", float, 0.0, -2.0, 2.0)

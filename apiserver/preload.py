@@ -39,7 +39,7 @@ class Preloaded(NamedTuple):
 
 def lower_this_thread_priority() -> None:
     """Load at idle priority: a spare loading its model while the active worker generates would slow
-    that generation (the README's "The watchdog" has the figure). Linux scopes this to the calling
+    that generation (docs/benchmarks.md has the figure). Linux scopes this to the calling
     thread, so the threads that generate later (started by the serving threads) keep the normal
     priority. Only when the watchdog says another worker is serving (an unprivileged thread cannot
     undo it, and a load nobody is waiting behind should get the whole machine). Never in a forked

@@ -30,12 +30,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import jsonschema  # noqa: E402
-from test_json_integration import JSON_PROMPTS, SCHEMAS, SYSTEM_PROMPT  # noqa: E402
+from test_json_integration import JSON_PROMPTS, SCHEMAS, rendered  # noqa: E402
 
-from apiserver.chat import with_system_note  # noqa: E402
-from apiserver.json_output import prefill_for, schema_instruction  # noqa: E402
-from apiserver.model import TEMPLATES  # noqa: E402
-from bench import REPO, run_benches  # noqa: E402
+from bench import run_benches  # noqa: E402
 from conftest import Process, request, write_config  # noqa: E402
 
 MAX_TOKENS = 400
@@ -82,10 +79,9 @@ def chat(base_url: str, prompt: str, schema: dict[str, Any] | None) -> tuple[flo
 def unconstrained(base_url: str, prompt: str, schema: dict[str, Any] | None, tokens: int) -> float:
     """Seconds of the same rendered prompt and opening through the raw completion route: no
     constraint, the same number of tokens (the chat route ends where the JSON closes)."""
-    messages = with_system_note([{"role": "user", "content": prompt}], schema_instruction(schema), SYSTEM_PROMPT)
     started = time.monotonic()
     status, _, body = request(base_url, "POST", "/v1/completions", {
-        "prompt": TEMPLATES["chatml"].render(messages) + prefill_for(schema), "temperature": 0,
+        "prompt": rendered(prompt, schema), "temperature": 0,
         "max_tokens": tokens}, timeout=600)
     assert status == 200, body
     return time.monotonic() - started
@@ -155,7 +151,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="passes over the clean prompts (default %(default)s)")
     arguments = parser.parse_args()
-    assert REPO.exists()
     run_benches({"constrained": bench_constrained}, "constrained", arguments.rounds, "constrained")
 
 

@@ -186,12 +186,16 @@ def test_tool_call_arguments_validate_against_the_parameters(server, prompt):
         jsonschema.validate(json.loads(call.function.arguments), offered[call.function.name])
 
 
+def rendered(prompt: str, schema: dict[str, Any] | None) -> str:
+    """The prompt the chat route renders for a JSON-mode question, with the answer's opening."""
+    messages = with_system_note([{"role": "user", "content": prompt}], schema_instruction(schema), SYSTEM_PROMPT)
+    return TEMPLATES["chatml"].render(messages) + prefill_for(schema)
+
+
 def unconstrained(server: Process, prompt: str, schema: dict[str, Any] | None) -> str:
     """What the model writes after the same prompt and opening without a constraint (the raw route)."""
-    messages = with_system_note([{"role": "user", "content": prompt}], schema_instruction(schema), SYSTEM_PROMPT)
-    rendered = TEMPLATES["chatml"].render(messages) + prefill_for(schema)
     status, _, body = request(server.base_url, "POST", "/v1/completions", {
-        "prompt": rendered, "temperature": 0, "max_tokens": MAX_TOKENS}, timeout=300)
+        "prompt": rendered(prompt, schema), "temperature": 0, "max_tokens": MAX_TOKENS}, timeout=300)
     assert status == 200, body
     return prefill_for(schema) + json.loads(body)["choices"][0]["text"]
 
