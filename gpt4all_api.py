@@ -46,10 +46,10 @@ from apiserver.protocol import (
     MSG_STOPPED_ACCEPTING,
     Sentinel,
     WatchdogLink,
-    set_process_name,
 )
 from apiserver.routes import build_app
 from apiserver.settings import Settings, add_address_arguments, configure_logging, load_settings
+from apiserver.system import set_process_name
 from apiserver.zygote import run_zygote
 
 log = logging.getLogger("gpt4all_api")

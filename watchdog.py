@@ -5,7 +5,7 @@ It holds the listening socket (bound once, or systemd's), a lock file and logs/w
 spare waits with its model loaded; a client that comes while no worker accepts waits in the kernel
 backlog, so a restart delays it and never refuses it. A worker gets (../shared/DESIGN.md) the
 socket's fd in GPT4ALL_API_LISTEN_FD, its end of a control channel in GPT4ALL_API_CONTROL_FD (a
-SOCK_SEQPACKET pair, apiserver/protocol.py: activation, generation slots, request reports, metrics
+socket pair, apiserver/channel.py and protocol.py: activation, generation slots, request reports, metrics
 queries; EOF = the watchdog died: exit at once) and a sentinel path in GPT4ALL_API_SENTINEL (created
 when ready, touched as a heartbeat, removed when its requests are done and its restart is due),
 plus GPT4ALL_API_BACKGROUND=1 when another worker serves (load at idle priority) and our pid in
@@ -28,7 +28,9 @@ is active, ready or starting it answers the clients itself: 503 with the reason
 (apiserver/unavailable.py). SIGTERM or SIGINT: graceful stop, exit status 0. SIGHUP: re-read the
 config, roll the workers. Exit status 1: another watchdog holds the lock; 2: bad config or cannot
 listen. The prompt cache's saved contexts live here too (apiserver/cache_store.py), so that they
-outlive the workers that saved them. It imports only apiserver.settings, protocol, unavailable,
+outlive the workers that saved them. The process model (the zygote's where forking is safe, else
+spawned workers) and everything system-specific come from apiserver/zygote_client.py and
+apiserver/system.py. It imports only apiserver.system, channel, settings, protocol, unavailable,
 metrics, cache_store, worker_process and zygote_client (the processes' handles): never
 gpt4all, never the HTTP server (tests/test_layout.py checks). Read top to bottom: the state
 machine, the process-wide pieces, main().
@@ -40,7 +42,6 @@ import argparse
 import collections
 import dataclasses
 import enum
-import fcntl
 import json
 import logging
 import math
@@ -54,6 +55,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Callable
 
+from apiserver import system
 from apiserver.cache_store import CacheStore
 from apiserver.metrics import Box, Totals, accept_queue_length, render
 from apiserver.protocol import (
@@ -73,12 +75,11 @@ from apiserver.protocol import (
     MSG_STOPPED_ACCEPTING,
     MSG_WANT_SLOT,
     Backoff,
-    set_process_name,
 )
 from apiserver.settings import Settings, add_address_arguments, configure_logging, load_settings, rotating_log_handler
 from apiserver.unavailable import UnavailableResponder
-from apiserver.worker_process import WorkerProcess, become_subreaper, describe_exit, log_message_of, state_file, worker_command
-from apiserver.zygote_client import ZYGOTE_SENTINEL, Zygote
+from apiserver.worker_process import WorkerProcess, describe_exit, log_message_of, state_file, worker_command
+from apiserver.zygote_client import ZYGOTE_SENTINEL, Zygote, choose_process_model
 
 log = logging.getLogger("watchdog")
 # The workers' output, written as is (the workers format their own lines) to logs/server.log.
@@ -125,8 +126,8 @@ class Worker:
 
 
 def cache_budget(settings: Settings) -> int:
-    """The bytes the prompt cache's entries may hold (0: off)."""
-    return settings.prompt_cache_mb << 20 if settings.prompt_cache else 0
+    """The bytes the prompt cache's entries may hold (0: off; also where there are no memory files)."""
+    return settings.prompt_cache_mb << 20 if settings.prompt_cache and system.memory_files() else 0
 
 
 class Supervisor:
@@ -507,6 +508,8 @@ class LockHeld(Exception):
 
 def acquire_lock(path: Path) -> IO[str]:
     """An exclusive flock on path, holding our pid; LockHeld names the pid of the holder."""
+    import fcntl  # POSIX: imported here so that this file still loads on Windows, to say it cannot run there
+
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+", encoding="ascii")
     try:
@@ -551,6 +554,15 @@ def remove_stale_sentinels(settings: Settings) -> None:
         sentinel.unlink(missing_ok=True)
 
 
+def log_what_this_system_lacks(settings: Settings) -> None:
+    """Settings that cannot take effect here (apiserver/system.py), said once at start."""
+    if settings.max_rss_mb and not system.proc():
+        log.warning("max_rss_mb = %d is not enforced here: a worker's resident memory is read from /proc",
+                    settings.max_rss_mb)
+    if settings.prompt_cache and settings.restart_after_requests and not system.memory_files():
+        log.info("prompt cache: contexts are not kept across workers here (no memory files, memfd_create)")
+
+
 class Watchdog:
     """The main loop: read the workers' output, act on queued signals, tick the Supervisor."""
 
@@ -571,9 +583,17 @@ class Watchdog:
         self.next_stray_check = 0.0
 
     def make_zygote(self, settings: Settings) -> Zygote | None:
-        # Forking from a loaded model is safe on the CPU; GPU contexts do not survive a fork.
-        use_zygote = settings.zygote and settings.device == "cpu" and become_subreaper()
-        return Zygote(settings, self.listener, self.selector) if use_zygote else None
+        """The zygote when the process model is the zygote's (choose_process_model), else None:
+        each worker is spawned and loads the model itself, the warm spare hiding the load."""
+        use_zygote, why = choose_process_model(settings)
+        if use_zygote and not system.become_subreaper():
+            use_zygote, why = False, "cannot become a child subreaper (prctl)"
+        if use_zygote:
+            log.info("process model: zygote (%s): workers are forked from one loaded model", why)
+            return Zygote(settings, self.listener, self.selector)
+        log.info("process model: spawn (%s): each worker loads the model itself%s", why,
+                 ", the warm spare hiding the load" if settings.warm_spare else "")
+        return None
 
     def forward_pages(self, pages: bytes) -> None:
         if self.zygote:
@@ -590,12 +610,8 @@ class Watchdog:
             known.add(self.zygote.process.pid)
         if self.zygote and self.zygote.forked:
             known.add(self.zygote.forked.pid)
-        try:
-            with open(f"/proc/self/task/{os.getpid()}/children", encoding="ascii") as children:
-                strays = [int(pid) for pid in children.read().split() if int(pid) not in known]
-        except OSError:
-            return
-        for pid in strays:
+        children = system.child_pids()
+        for pid in [pid for pid in children or () if pid not in known]:
             try:
                 if os.waitpid(pid, os.WNOHANG)[0]:
                     log.info("reaped pid %d, a worker forked for nobody", pid)
@@ -663,6 +679,7 @@ class Watchdog:
         old = self.supervisor.settings
         try:
             new = load_settings(old.config_file, **self.overrides)
+            choose_process_model(new)
         except ValueError as error:
             log.error("SIGHUP: keeping the old settings: %s", error)
             return
@@ -686,13 +703,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=HERE / "config.ini", help="default: %(default)s")
     add_address_arguments(parser)
     args = parser.parse_args(argv)
+    unsupported = system.watchdog_unsupported()
+    if unsupported:
+        print(f"watchdog: {unsupported}", file=sys.stderr)
+        return 2
     overrides = {"host": args.host, "port": args.port}
     try:
         settings = load_settings(args.config, **overrides)
+        choose_process_model(settings)  # refuses zygote = true where forking is unsafe
     except ValueError as error:
         print(f"watchdog: {error}", file=sys.stderr)
         return 2
-    set_process_name("gpt4all-watcher")
+    system.set_process_name("gpt4all-watcher")
     lock_file = state_file(settings, LOCK_FILE)
     try:
         lock = acquire_lock(lock_file)
@@ -715,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
                      *listener.getsockname()[:2], settings.restart_after_requests, settings.warm_spare,
                      settings.heartbeat_timeout, settings.stop_timeout, settings.backoff_max,
                      settings.max_rss_mb, " ".join(worker_command(settings)))
+            log_what_this_system_lacks(settings)
             Watchdog(settings, listener, overrides).run()
         log.info("watchdog stopped")
         return 0

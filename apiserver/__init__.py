@@ -1,6 +1,7 @@
 """The parts of gpt4all_api.py and watchdog.py, one concern per module, imports pointing one way.
 
-From the bottom: settings and protocol (leaves: the watchdog imports only these, and metrics,
+From the bottom: system (the platform seam: what this system offers, and the fallbacks), channel
+(the control channel's transport), settings and protocol (the watchdog imports only these, and metrics,
 unavailable, cache_store, the prompt cache's saved contexts, and worker_process and zygote_client,
 its handles on processes), forking (the zygote's fork loop),
 cpu_share, model, then the reuse of evaluated prompts: turns (turn boundaries), kv_state (gpt4all's

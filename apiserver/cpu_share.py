@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from apiserver import system
 from apiserver.protocol import ENV_WATCHDOG_PID
 from apiserver.settings import Settings
 
@@ -134,6 +135,10 @@ class CpuShare:
 def watch_cpu_share(settings: Settings) -> CpuShare | None:
     """A CpuShare for n_threads = 0; None for a fixed count, or when /proc cannot tell the load."""
     if settings.n_threads:
+        return None
+    if not system.proc():
+        log.info("n_threads = 0: generating on all %d cores (the CPU load is read from /proc, which this system "
+                 "lacks)", len(usable_cpus()))
         return None
     watchdog = int(os.environ.get(ENV_WATCHDOG_PID, "0"))
     own_seconds = own_cpu_seconds

@@ -1,7 +1,8 @@
 """The zygote's fork loop: a ready worker forked for each request of the watchdog, and each exit told.
 
 Owns serve_fork_requests (the zygote's main loop after its model is loaded), ForkedWorkers (its
-children, each exit told to the watchdog before it is reaped) and fork_worker. Imports protocol.
+children, each exit told to the watchdog before it is reaped) and fork_worker. Imports system, channel
+and protocol.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from apiserver.protocol import ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, EXIT_OK, MAX_MESSAGE, ZYGOTE_PAGES
+from apiserver import system
+from apiserver.channel import MAX_MESSAGE
+from apiserver.protocol import ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SENTINEL, EXIT_OK, ZYGOTE_PAGES
 
 
 def serve_fork_requests(channel: socket.socket, run: Callable[[], int],
@@ -68,8 +71,8 @@ class ForkedWorkers:
 
     The watchdog waits for its own children only; a worker is the zygote's. "exit <pid> <code>"
     goes out while the worker is still a zombie, so by the time its pid can be reused the watchdog
-    has the message. A pidfd per worker wakes the loop at the exit; without pidfds (Linux before
-    5.3) the loop looks every POLL_EVERY seconds."""
+    has the message. A pidfd per worker wakes the loop at the exit; without pidfds (system.pidfds:
+    Linux before 5.3) the loop looks every POLL_EVERY seconds."""
 
     POLL_EVERY = 0.05
 
@@ -87,10 +90,12 @@ class ForkedWorkers:
         return self.POLL_EVERY if None in self.pidfd_of.values() else None
 
     def add(self, pid: int) -> None:
-        try:
-            self.pidfd_of[pid] = os.pidfd_open(pid)
-        except (AttributeError, OSError):
-            self.pidfd_of[pid] = None
+        self.pidfd_of[pid] = None
+        if system.pidfds():
+            try:
+                self.pidfd_of[pid] = os.pidfd_open(pid)
+            except OSError:
+                pass
 
     def report_exits(self) -> None:
         for pid in list(self.pidfd_of):

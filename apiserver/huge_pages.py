@@ -30,6 +30,7 @@ import os
 import time
 from pathlib import Path
 
+from apiserver import system
 from apiserver.pages import memory_mappings
 
 log = logging.getLogger("gpt4all_api")
@@ -47,6 +48,8 @@ Mapping = tuple[int, int, int]  # (address, length, offset in the file)
 
 def huge_pages_available(setting: Path = THP_SETTING) -> bool:
     """Whether madvise(MADV_HUGEPAGE) gets transparent huge pages here."""
+    if not system.page_control():
+        return False
     try:
         chosen = setting.read_text(encoding="ascii")
     except OSError:

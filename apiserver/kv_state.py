@@ -22,6 +22,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from apiserver import system
+
 # Offsets in LLModelWrapper (x86-64 and arm64, libstdc++ and libc++): the vector's three pointers, n_past.
 VECTOR_BEGIN, VECTOR_END, VECTOR_CAPACITY, N_PAST = 0x08, 0x10, 0x18, 0x20
 TOKEN_BYTES = 4
@@ -60,7 +62,9 @@ def cxx_allocator() -> Any:
 
 
 def mapped_file(address: int) -> str | None:
-    """The file whose mapping holds address (/proc/self/maps), or None."""
+    """The file whose mapping holds address (/proc/self/maps), or None (also without /proc)."""
+    if not system.proc():
+        return None
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
@@ -92,6 +96,8 @@ class NativeContext:
             function = getattr(ctypes.CDLL(path, mode=os.RTLD_NOLOAD), TOKENIZE) if path else None
         except (OSError, AttributeError):
             function = None
+        if function is None and not system.proc():
+            raise NativeUnavailable("gpt4all's tokenizer is found through /proc/self/maps, which this system lacks")
         if function is None:
             raise NativeUnavailable(f"gpt4all's tokenizer is not reachable (model code in {path})")
         function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_bool]

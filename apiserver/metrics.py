@@ -19,6 +19,8 @@ import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from apiserver import system
+
 PREFIX = "gpt4all_api_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -206,7 +208,9 @@ def generation_report(route: str, status: int, seconds: float | None, completion
 
 def accept_queue_length(listener: socket.socket) -> int | None:
     """Connections waiting in a listening TCP socket's accept queue (Linux: tcp_info's unacked
-    field holds it for a listening socket); None where that cannot be read."""
+    field holds it for a listening socket); None where that cannot be read (system.tcp_info)."""
+    if not system.tcp_info():
+        return None
     try:
         return struct.unpack_from("I", listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 24)[0]
     except (OSError, AttributeError, struct.error):

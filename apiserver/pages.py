@@ -28,6 +28,8 @@ import struct
 import time
 from typing import Callable
 
+from apiserver import system
+
 log = logging.getLogger("gpt4all_api")
 
 Ranges = list[tuple[int, int]]  # (address, length in bytes)
@@ -139,7 +141,10 @@ class LearnedPages:
 
 def probe_written_pages(generate: Callable[[], None]) -> Ranges:
     """In a forked child: run generate(), report the pages it made its own. The caller (the
-    zygote) must be single-threaded, as for any fork. [] when anything fails."""
+    zygote) must be single-threaded, as for any fork. [] when anything fails, or where the
+    system has no page maps (system.page_control)."""
+    if not system.page_control():
+        return []
     reader, writer = os.pipe()
     try:
         child = os.fork()
@@ -183,7 +188,7 @@ def probe_written_pages(generate: Callable[[], None]) -> Ranges:
 def populate(ranges: Ranges) -> int:
     """Copy these pages into this process now (MADV_POPULATE_WRITE: content unchanged). Returns
     the bytes done; stops at the first refusal (an older kernel says EINVAL)."""
-    if not ranges:
+    if not ranges or not system.page_control():
         return 0
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise

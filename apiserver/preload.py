@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any, NamedTuple
 
+from apiserver import system
 from apiserver.cpu_share import CpuShare, watch_cpu_share
 from apiserver.engine import ModelRunner
 from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model
@@ -44,15 +45,13 @@ def lower_this_thread_priority() -> None:
     priority. Only when the watchdog says another worker is serving (an unprivileged thread cannot
     undo it, and a load nobody is waiting behind should get the whole machine). Never in a forked
     worker: pages it shares with the active worker would make this a priority inversion."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux
-        pass
+    system.lower_this_thread_priority()  # where threads have an idle class (Linux): elsewhere, normal
 
 
 def saves_contexts(settings: Settings) -> bool:
-    """Workers that exit after their requests save their contexts for the next ones (prompt_cache)."""
-    return settings.prompt_cache and settings.restart_after_requests > 0
+    """Workers that exit after their requests save their contexts for the next ones (prompt_cache),
+    into memory files (system.memory_files)."""
+    return settings.prompt_cache and settings.restart_after_requests > 0 and system.memory_files()
 
 
 class ModelLoader(threading.Thread):

@@ -3,25 +3,25 @@
 Owns the exit codes, the environment variables a worker is started with, the sentinel file (created
 when ready, touched as a heartbeat, removed when a restart is due), the control channel (its
 messages, and WatchdogLink, the worker's end), and the one exponential Backoff used by the
-supervisor and the zygote (forking.py has the zygote's fork loop). Imports only the standard library: it is a leaf, and
-watchdog.py may import it.
+supervisor and the zygote (forking.py has the zygote's fork loop). The channel's transport is
+channel.py. Imports system and channel: watchdog.py may import it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
 import os
 import queue
 import socket
-import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
+
+from apiserver.channel import Channel, close_all
 
 log = logging.getLogger("gpt4all_api")
 
@@ -40,19 +40,7 @@ ENV_ZYGOTE_SERVES = "GPT4ALL_API_ZYGOTE_SERVES"  # "1": a zygote forks the worke
 ENV_WATCHDOG_PID = "GPT4ALL_API_WATCHDOG_PID"  # whose family's CPU time is not "other programs"
 
 HEARTBEAT_EVERY = 0.5  # seconds between two touches of the sentinel
-PR_SET_NAME = 15  # prctl option: the calling thread's name, what ps, top and pstree show
 BACKOFF_START = 1.0  # seconds: the first delay after a failure
-
-
-def set_process_name(name: str) -> None:
-    """Name this process (its main thread) for ps, top and pstree: every forked worker would
-    otherwise show the zygote's command line. Linux keeps 15 characters; elsewhere nothing happens."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 class Sentinel:
@@ -87,8 +75,8 @@ class Sentinel:
 
 
 # --------------------------------------------------------------------------------------------
-# The control channel: a SOCK_SEQPACKET socket pair per worker, one message per packet, a kind
-# byte then its payload. EOF on the worker's side: the watchdog died, exit at once.
+# The control channel (channel.py): a socket pair per worker, whole messages, a kind byte then its
+# payload. EOF on the worker's side: the watchdog died, exit at once.
 # --------------------------------------------------------------------------------------------
 
 # watchdog -> worker
@@ -116,31 +104,16 @@ MSG_CACHE_PENDING = b"p"  # payload: the names of the entry this worker will sav
 MSG_CACHE_ENTRY = b"e"  # payload: those names, with the entry's memory file (no file: nothing was saved)
 MSG_CACHE_USED = b"u"  # payload: an entry's number: restored here, and the prompt went on from it
 MSG_CACHE_BAD = b"b"  # payload: an entry's number: it failed its checks here; drop it
-MAX_MESSAGE = 1 << 20
-MAX_FDS = 4  # file descriptors a message may carry
-
-
-def control_channel() -> tuple[socket.socket, socket.socket]:
-    """(watchdog's end, worker's end), neither inheritable (pass_fds or SCM_RIGHTS hand it over)."""
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
 def read_control_pipe(fd: int, on_activate: Callable[[], None]) -> None:
     """Activation only (tests' fake worker): b"A" calls on_activate; EOF: exit at once."""
-    while True:
-        try:
-            data = os.read(fd, MAX_MESSAGE)
-        except InterruptedError:
-            continue
-        if not data:
-            orphaned()
-        if data[:1] == MSG_ACTIVATE:
+    channel = Channel(socket.socket(fileno=fd))
+    while (message := channel.receive()) is not None:
+        close_all(message[1])
+        if message[0][:1] == MSG_ACTIVATE:
             on_activate()
-
-
-def close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        os.close(fd)
+    orphaned()
 
 
 def orphaned() -> None:
@@ -162,7 +135,7 @@ class WatchdogLink:
     """
 
     def __init__(self, fd: int) -> None:
-        self.channel = socket.socket(fileno=fd)
+        self.channel = Channel(socket.socket(fileno=fd))
         self.on_activate: Callable[[], None] = lambda: None
         self.on_running: Callable[[int], None] = lambda running: None
         self.slot_answers: queue.Queue[bytes] = queue.Queue()
@@ -176,14 +149,11 @@ class WatchdogLink:
 
     def read_messages(self) -> None:
         while True:
-            try:
-                data, fds, _, _ = socket.recv_fds(self.channel, MAX_MESSAGE, MAX_FDS)
-            except InterruptedError:
-                continue
-            except OSError:
-                data, fds = b"", []
-            if not data:
+            message = self.channel.receive()
+            if message is None:
                 orphaned()
+                return
+            data, fds = message
             kind, payload = data[:1], data[1:]
             if kind == MSG_CACHE_FOUND:
                 self.cache_answers.put((payload, fds))
@@ -202,10 +172,7 @@ class WatchdogLink:
 
     def send(self, kind: bytes, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
         try:
-            if fds:
-                socket.send_fds(self.channel, [kind + payload], list(fds))
-            else:
-                self.channel.send(kind + payload)
+            self.channel.send(kind + payload, fds)
         except OSError:
             pass  # the watchdog is gone (the reader thread exits the process), or a message too big
 

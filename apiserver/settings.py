@@ -70,7 +70,7 @@ class Settings:
     restart_after_requests: int = 1
     workers: int = 1
     warm_spare: bool = True
-    zygote: bool = True
+    zygote: str = "auto"  # auto, true or false (zygote_client.choose_process_model)
     poll_interval: float = 0.05
     heartbeat_timeout: float = 60.0
     stop_timeout: float = 30.0
@@ -119,6 +119,16 @@ def boolean(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError("must be true or false")
+
+
+def auto_or_boolean(text: str) -> str:
+    """"auto", or a boolean spelled as "true" or "false"."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return "true" if boolean(text) else "false"
+    except ValueError:
+        raise ValueError("must be auto, true or false") from None
 
 
 def one_of(*choices: str) -> Callable[[str], str]:
@@ -190,7 +200,7 @@ CONFIG_KEYS = [
     ("watchdog", "restart_after_requests", "restart_after_requests", at_least(int)),
     ("watchdog", "workers", "workers", at_least(int, 1)),
     ("watchdog", "warm_spare", "warm_spare", boolean),
-    ("watchdog", "zygote", "zygote", boolean),
+    ("watchdog", "zygote", "zygote", auto_or_boolean),
     ("watchdog", "poll_interval", "poll_interval", greater_than(float, 0)),
     ("watchdog", "heartbeat_timeout", "heartbeat_timeout", at_least(float, 1)),
     ("watchdog", "stop_timeout", "stop_timeout", greater_than(float, 0)),

@@ -5,13 +5,12 @@ Owns WorkerProcess (a worker's process group, control channel, sentinel and outp
 ForkedProcess (what WorkerProcess needs of a Popen, for a forked worker), worker_command,
 state_file and describe_exit; the zygote's client is zygote_client.py. The Supervisor in
 watchdog.py uses only their pids and methods, so unit tests replace them with fakes. Imports
-settings and protocol: never gpt4all, never the HTTP server.
+system, channel, settings and protocol: never gpt4all, never the HTTP server.
 """
 
 from __future__ import annotations
 
 import collections
-import ctypes
 import logging
 import os
 import re
@@ -24,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Callable
 
+from apiserver import system
+from apiserver.channel import Channel, channel_pair, close_all
 from apiserver.protocol import (
     ENV_BACKGROUND,
     ENV_CONTROL_FD,
@@ -32,9 +33,6 @@ from apiserver.protocol import (
     ENV_WATCHDOG_PID,
     ENV_ZYGOTE_FD,
     ENV_ZYGOTE_SERVES,
-    MAX_FDS,
-    MAX_MESSAGE,
-    control_channel,
 )
 from apiserver.settings import Settings
 
@@ -90,7 +88,7 @@ class WorkerProcess:
                  selector: selectors.BaseSelector) -> None:
         self.popen = popen
         self.pid = popen.pid
-        self.control: socket.socket | None = control
+        self.control: Channel | None = Channel(control)
         self.sentinel = sentinel
         self.selector = selector
         assert popen.stdout is not None, "workers are started with their output on a pipe"
@@ -114,7 +112,7 @@ class WorkerProcess:
         not one of its own: Linux's autogroup shares the CPU between sessions first, so in a session
         of its own an idle-priority load would still take half the machine from the active worker
         (docs/benchmarks.md has the figures)."""
-        ours, theirs = control_channel()  # both non-inheritable: no other child gets them
+        ours, theirs = channel_pair()  # both non-inheritable: no other child gets them
         env = dict(os.environ, **{ENV_WATCHDOG_PID: str(os.getpid())})
         if zygote_fd is None:
             env.update({ENV_LISTEN_FD: str(listen_fd), ENV_CONTROL_FD: str(theirs.fileno()),
@@ -153,33 +151,26 @@ class WorkerProcess:
         lost if the worker has just died (poll() tells how)."""
         if self.control is not None:
             try:
-                if fds:
-                    socket.send_fds(self.control, [kind + payload], list(fds))
-                else:
-                    self.control.send(kind + payload)
+                self.control.send(kind + payload, fds)
             except OSError:
                 pass
 
     def read_messages(self) -> None:
         """Pass each message the worker sent to on_message, until none is waiting. The message's
         file descriptors are on_message's to keep or close."""
-        while self.control is not None:
-            try:
-                data, fds, _, _ = socket.recv_fds(self.control, MAX_MESSAGE, MAX_FDS)
-            except BlockingIOError:
-                return
-            except OSError:
-                data, fds = b"", []
-            if not data:
-                for fd in fds:
-                    os.close(fd)
-                self.close_control()
-                return
+        if self.control is None:
+            return
+        for data, fds in self.control.receive_ready():
+            if self.control is None:  # closed by what a message set off
+                close_all(fds)
+                continue
             self.on_message(data[:1], data[1:], fds)
+        if self.control is not None and self.control.eof:
+            self.close_control()
 
     def close_control(self) -> None:
         if self.control is not None:
-            self.selector.unregister(self.control)
+            self.selector.unregister(self.control.socket)
             self.control.close()
             self.control = None
 
@@ -199,14 +190,7 @@ class WorkerProcess:
             pass
 
     def rss_mb(self) -> float | None:
-        try:
-            with open(f"/proc/{self.pid}/status", encoding="ascii", errors="replace") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except (OSError, ValueError, IndexError):
-            pass
-        return None
+        return system.rss_mb(self.pid)
 
     def read_output(self) -> None:
         """Copy what the worker printed into server.log a line at a time, until the pipe is empty."""
@@ -276,12 +260,3 @@ class ForkedProcess:
             return False
         return True
 
-
-def become_subreaper() -> bool:
-    """PR_SET_CHILD_SUBREAPER: orphaned descendants (the zygote's workers) become our children."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False

@@ -21,9 +21,10 @@ from apiserver.model_facts import gguf_header
 from apiserver.pages import LearnedPages, probe_written_pages
 from apiserver.prefix import evaluate_prefix, pre_warm
 from apiserver.preload import Preloaded, saves_contexts
-from apiserver.protocol import ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, set_process_name
+from apiserver.protocol import ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD
 from apiserver.reuse_setup import prepare_reuse
 from apiserver.settings import Settings
+from apiserver.system import set_process_name
 
 log = logging.getLogger("gpt4all_api")
 

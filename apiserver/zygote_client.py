@@ -1,6 +1,8 @@
 """The watchdog's client of the zygote (Linux): the zygote's process, started like a worker, and the
 fork requests sent to it over its channel; a forked worker comes back as a WorkerProcess on a
-ForkedProcess. Imports settings, protocol and worker_process: never gpt4all, never the HTTP server.
+ForkedProcess. Also the choice of the process model (choose_process_model): the zygote where
+forking a loaded model is safe, each worker spawned to load its own model everywhere else. Imports
+system, channel, settings, protocol and worker_process: never gpt4all, never the HTTP server.
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ import socket
 import time
 from pathlib import Path
 
-from apiserver.protocol import (
-    ZYGOTE_PAGES,
-    Backoff,
-    control_channel,
-)
+from apiserver import system
+from apiserver.channel import channel_pair
+from apiserver.protocol import ZYGOTE_PAGES, Backoff
 from apiserver.settings import Settings
 from apiserver.worker_process import ForkedProcess, WorkerProcess, describe_exit, state_file, worker_command
 
@@ -26,6 +26,19 @@ log = logging.getLogger("watchdog")
 
 FORK_TIMEOUT = 5.0  # seconds the zygote may take to say the pid of a worker it forks
 ZYGOTE_SENTINEL = "zygote-{port}.sentinel"  # in state_dir, named for the port (state_file())
+
+
+def choose_process_model(settings: Settings) -> tuple[bool, str]:
+    """(whether workers are forked from a zygote, why in words). [watchdog] zygote = auto takes the
+    zygote where forking a loaded model is safe (system.fork_safe: Linux, device = cpu), true asks
+    for it and is refused (ValueError) where it is not safe, false never uses it."""
+    safe, why = system.fork_safe(settings.device)
+    if settings.zygote == "false":
+        return False, "zygote = false"
+    if not safe and settings.zygote == "true":
+        raise ValueError(f"[watchdog] zygote = true is refused here: {why}; set zygote = auto (or false) "
+                         "to spawn each worker")
+    return safe, f"zygote = {settings.zygote}, {why}"
 
 
 class Zygote:
@@ -58,6 +71,7 @@ class Zygote:
         return not self.ready and (self.process is not None or self.starts == 0)
 
     def start(self, now: float) -> None:
+        # A packet pair: the zygote runs only where system.fork_safe holds, on Linux.
         channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.channel = channel
         try:
@@ -197,7 +211,7 @@ class Zygote:
             self.forget_fork()
         if not self.ready or self.channel is None or self.forking:
             return None
-        ours, theirs = control_channel()
+        ours, theirs = channel_pair()
         output_read, output_write = os.pipe()
         try:
             socket.send_fds(self.channel, [str(sentinel).encode()],

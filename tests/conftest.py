@@ -24,6 +24,14 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
 sys.path.insert(0, str(REPO))
+# The portable run (tests/test_portable.py): apiserver/system.py answers "no" to every Linux extra.
+PORTABLE_ENV = "GPT4ALL_API_PORTABLE"
+PORTABLE = os.environ.get(PORTABLE_ENV) == "1"
+
+
+def linux_extra(what: str) -> pytest.MarkDecorator:
+    """Skip, in the portable run, a test of what only Linux's extras give."""
+    return pytest.mark.skipif(PORTABLE, reason=f"{what}: a Linux extra, off in the portable run")
 
 
 def free_port() -> int:

@@ -13,16 +13,18 @@ from conftest import REPO
 
 # Each module of apiserver/ and what it may import of the package (the order of the layout).
 ALLOWED_IMPORTS: dict[str, set[str]] = {
+    "system": set(),
+    "channel": {"system"},
     "settings": set(),
-    "protocol": set(),
-    "forking": {"protocol"},
-    "cpu_share": {"settings", "protocol"},
+    "protocol": {"system", "channel"},
+    "forking": {"system", "channel", "protocol"},
+    "cpu_share": {"system", "settings", "protocol"},
     "model": {"settings", "cpu_share"},
     "prefix": {"settings", "model", "turns"},
-    "pages": set(),
-    "huge_pages": {"pages"},
+    "pages": {"system"},
+    "huge_pages": {"system", "pages"},
     "turns": set(),
-    "kv_state": set(),
+    "kv_state": {"system"},
     "cache_entry": {"turns"},
     "cache_store": {"protocol"},
     "reuse_setup": {"settings", "model", "model_facts", "kv_state", "turns", "cache_entry"},
@@ -44,15 +46,15 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "openai_fields": {"settings", "engine", "api", "fields", "tool_formats", "json_output", "chat"},
     "openai_api": {"settings", "engine", "api", "tool_formats", "chat", "openai_fields"},
     "ollama_api": {"settings", "engine", "api", "fields", "model_facts", "tool_formats", "json_output", "chat"},
-    "metrics": set(),
+    "metrics": {"system"},
     "metrics_api": {"settings", "api", "metrics"},
     "routes": {"settings", "api", "seed_api", "openai_api", "ollama_api", "metrics_api"},
     "http_server": {"engine", "api", "metrics"},
     "unavailable": set(),
-    "worker_process": {"settings", "protocol"},
-    "zygote_client": {"settings", "protocol", "worker_process"},
-    "preload": {"settings", "protocol", "cpu_share", "model", "pages", "prefix", "reuse_setup", "engine"},
-    "zygote": {"settings", "protocol", "forking", "cpu_share", "model", "model_facts", "pages", "huge_pages",
+    "worker_process": {"system", "channel", "settings", "protocol"},
+    "zygote_client": {"system", "channel", "settings", "protocol", "worker_process"},
+    "preload": {"system", "settings", "protocol", "cpu_share", "model", "pages", "prefix", "reuse_setup", "engine"},
+    "zygote": {"system", "settings", "protocol", "forking", "cpu_share", "model", "model_facts", "pages", "huge_pages",
                "prefix", "reuse_setup", "preload"},
 }
 
@@ -92,6 +94,7 @@ def test_importing_the_watchdog_loads_neither_gpt4all_nor_the_http_server():
                                            capture_output=True, text=True).stdout))
     ours = {name for name in loaded if name.startswith("apiserver.")}
     assert ours == {"apiserver.settings", "apiserver.protocol", "apiserver.unavailable", "apiserver.metrics",
-                    "apiserver.cache_store", "apiserver.worker_process", "apiserver.zygote_client"}, ours
+                    "apiserver.cache_store", "apiserver.worker_process", "apiserver.zygote_client",
+                    "apiserver.system", "apiserver.channel"}, ours
     assert not {name for name in loaded if name.split(".")[0] in ("gpt4all", "gpt4all_api", "http")}, \
         sorted(name for name in loaded if name.split(".")[0] in ("gpt4all", "gpt4all_api", "http"))

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from conftest import REPO, Process, descendants, free_port, request, wait_until, write_config
+from conftest import PORTABLE, PORTABLE_ENV, REPO, Process, descendants, free_port, linux_extra, request, wait_until, write_config
 
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
-CRON_ENV = {"PATH": "/usr/bin:/bin", "GPT4ALL_API_WORKER_SCRIPT": str(FAKE_WORKER)}
+CRON_ENV = {"PATH": "/usr/bin:/bin", "GPT4ALL_API_WORKER_SCRIPT": str(FAKE_WORKER),
+            **({PORTABLE_ENV: "1"} if PORTABLE else {})}
 
 
 def start_watchdog(start: Callable[..., Process], env: dict[str, str] | None = None, **watchdog: Any) -> Process:
@@ -97,13 +98,16 @@ def test_each_request_gets_a_fresh_worker(start: Callable[..., Process]) -> None
     assert "crashed" not in read_log(watchdog, "watchdog.log")
 
 
+@linux_extra("the zygote")
 def test_workers_forked_by_the_zygote_or_started_without_it(start: Callable[..., Process]) -> None:
     forked = start_watchdog(start, restart_after_requests=1)
     wait_until(lambda: "workers are forked from it" in read_log(forked, "watchdog.log"), 10, forked, "the zygote")
+    assert "process model: zygote (zygote = auto, Linux, device = cpu)" in read_log(forked, "watchdog.log")
     assert len({get(forked)["pid"] for _ in range(3)}) == 3
     plain = start_watchdog(start, restart_after_requests=1, zygote="false")
     assert len({get(plain)["pid"] for _ in range(3)}) == 3
-    assert "zygote" not in read_log(plain, "watchdog.log")
+    assert "process model: spawn (zygote = false)" in read_log(plain, "watchdog.log")
+    assert "zygote (pid" not in read_log(plain, "watchdog.log")
     # Each worker and the zygote: a process group of its own (signalled as a whole), in the watchdog's
     # session (Linux shares the CPU between sessions first: idle priority works only inside one).
     for watchdog in (forked, plain):
@@ -117,6 +121,23 @@ def test_workers_forked_by_the_zygote_or_started_without_it(start: Callable[...,
     assert loads[0] == "at full speed" and set(loads[1:]) == {"in the background"}, loads
 
 
+def test_a_gpu_device_spawns_each_worker_and_a_forced_zygote_is_refused(start: Callable[..., Process]) -> None:
+    """Forking a process that set up a GPU backend is unsafe: device = gpu takes the spawn model
+    (decided from the setting: the watchdog loads no model; the fake worker stands in for the GPU)."""
+    fast = {"poll_interval": 0.02, "restart_after_requests": 1}
+    gpu = start("watchdog.py", {"watchdog": fast, "model": {"device": "gpu"}}, env=dict(CRON_ENV), cwd="/")
+    wait_until(lambda: "watchdog started" in read_log(gpu, "watchdog.log"), 10, gpu, "the watchdog to start")
+    assert len({get(gpu)["pid"] for _ in range(3)}) == 3
+    log = read_log(gpu, "watchdog.log")
+    assert "process model: spawn (zygote = auto, device = gpu: a GPU context does not survive a fork)" in log, log
+    assert "zygote (pid" not in log
+    refused = start("watchdog.py", {"watchdog": {**fast, "zygote": "true"}, "model": {"device": "gpu"}},
+                    env=dict(CRON_ENV), cwd="/")
+    assert refused.popen.wait(10) == 2
+    assert "zygote = true is refused here: device = gpu" in refused.output_path.read_text()
+
+
+@linux_extra("the zygote")
 def test_a_spare_waits_for_the_loading_zygote_and_is_forked_from_it(start: Callable[..., Process]) -> None:
     watchdog = start_watchdog(start, restart_after_requests=0, env={"FAKE_WORKER_LOAD_SECONDS": "1.5"})
     wait_until(lambda: "workers are forked from it" in read_log(watchdog, "watchdog.log"), 15, watchdog, "the zygote")
@@ -137,6 +158,7 @@ def process_state(pid: int) -> str:
         return ""
 
 
+@linux_extra("the zygote")
 def test_the_workers_of_a_killed_zygote_serve_on_and_are_reaped(start: Callable[..., Process]) -> None:
     """The zygote is its workers' parent and tells the watchdog their exits; when it dies they become
     the watchdog's children (a subreaper), which then waits for them itself."""
@@ -293,7 +315,7 @@ def test_two_watchdogs_on_two_ports_share_a_folder_and_a_third_on_a_used_port_is
                                 str(second_port)], capture_output=True, text=True, timeout=30, env=CRON_ENV)
         assert third.returncode == 1 and f"another watchdog (pid {second.popen.pid})" in third.stderr
         names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in (first.popen.pid, second.popen.pid)}
-        assert names == {"gpt4all-watcher"}
+        assert (names.isdisjoint({"gpt4all-watcher"}) if PORTABLE else names == {"gpt4all-watcher"})  # prctl names them
     finally:
         second.stop()
 
