@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import REPO, Process, descendants, request, wait_until, write_config
+from conftest import PORTABLE, REPO, Process, descendants, linux_extra, request, wait_until, write_config
 
 QUESTION = {"prompt": "What is the capital of France?", "persona": "You are a geography teacher.",
             "temperature": 0, "max_tokens": 12}
@@ -63,6 +63,7 @@ def test_each_request_gets_a_fresh_worker(start):
     assert health["pid"] not in pids and health["requests_served"] == 0
 
 
+@linux_extra("the zygote's fork of the next spare after the answer")
 def test_the_next_spare_is_forked_after_the_answer_not_beside_the_generation(start):
     watchdog = start("watchdog.py")
     watchdog.wait_ready()
@@ -227,7 +228,8 @@ def test_a_second_watchdog_exits_at_once(start):
 def test_workers_die_with_their_watchdog(start):
     watchdog = start("watchdog.py")
     watchdog.wait_ready()
-    wait_until(lambda: len(worker_pids(watchdog.popen.pid)) == 3, 60, watchdog, "the warm spare and the zygote")
+    expected = 2 if PORTABLE else 3  # the active worker, the warm spare, and (Linux) the zygote
+    wait_until(lambda: len(worker_pids(watchdog.popen.pid)) == expected, 60, watchdog, "the warm spare (and the zygote)")
     workers = worker_pids(watchdog.popen.pid)
     watchdog.popen.send_signal(signal.SIGKILL)
     watchdog.popen.wait()
