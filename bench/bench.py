@@ -1,6 +1,6 @@
 """Benchmarks: the server and the watchdog against raw gpt4all, measured in the same run.
 
-    python bench/bench.py [server|watchdog|restart|paced|stream|ollama|tools|prefix|busy|all] [--rounds N]
+    python bench/bench.py [server|watchdog|restart|paced|spawn|stream|ollama|tools|prefix|busy|all] [--rounds N]
 
 server    raw in-process generate() vs POST /gpt4all_api on the same prompts (temperature 0, same
           token counts): median latency ratio; /health p99 during a generation; start-to-ready vs
@@ -15,6 +15,11 @@ restart   the same for the target pair alone (keep-loaded, restart with spare an
           rounds of fresh watchdogs in the same time.
 paced     keep-loaded vs restart after every request with the warm spare and the zygote, as a
           person or a bot uses the server: a pause of half a second between requests.
+spawn     the process models against keep-loaded: the zygote's, the spawn model (zygote = false:
+          each worker loads the model itself, the warm spare hiding the load) and the spawn model
+          with Linux's extras off (GPT4ALL_API_PORTABLE=1, as on macOS: a framed control channel,
+          the spare's load at normal priority); back to back (as `watchdog` measures), and with
+          SPAWN_PAUSE seconds between one watchdog's requests.
 stream    time to first token and tokens/s of a streamed /v1/chat/completions vs raw generate()
           with a callback.
 ollama    the same as stream, through Ollama's streamed /api/chat (NDJSON).
@@ -182,9 +187,9 @@ def bench_server(workdir: Path, rounds: int) -> dict:
 
 
 @contextlib.contextmanager
-def running_watchdog(config: Path):
+def running_watchdog(config: Path, env: dict | None = None):
     """A ready watchdog on config, its zygote and spares loaded; stopped on the way out."""
-    watchdog = Process("watchdog.py", config)
+    watchdog = Process("watchdog.py", config, env=env)
     try:
         watchdog.wait_ready()
         time.sleep(3)  # let the zygote and the warm spare load: they are there before the first request
@@ -193,7 +198,7 @@ def running_watchdog(config: Path):
         watchdog.stop()
 
 
-WATCHDOG_MODES = {  # name: [watchdog] settings, and [model] ones
+WATCHDOG_MODES = {  # name: [watchdog] settings, and [model] ones (and the environment's additions)
     "keep_loaded": ({"restart_after_requests": 0}, {}),
     "restart_with_spare": ({"restart_after_requests": 1}, {}),
     "restart_with_spare_weights_file_mapped": ({"restart_after_requests": 1}, {"huge_pages": "false"}),
@@ -208,8 +213,9 @@ def watchdogs_past_learning(stack: contextlib.ExitStack, workdir: Path, modes: d
     """A fresh watchdog per mode ({name: ([watchdog] settings, [model] settings)}, n_threads fixed
     at the core count), each taken past its first workers, which report their pages (pages.py)."""
     watchdogs = {name: stack.enter_context(running_watchdog(write_config(
-        workdir / name, {"watchdog": watchdog, "model": {"n_threads": os.cpu_count(), **model}})))
-        for name, (watchdog, model) in modes.items()}
+        workdir / name, {"watchdog": watchdog, "model": {"n_threads": os.cpu_count(), **model}}),
+        dict(os.environ, **env[0]) if env else None))
+        for name, (watchdog, model, *env) in modes.items()}
     for watchdog in watchdogs.values():
         for _ in range(LEARN_FROM + 1):
             request(watchdog.base_url, "POST", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 1},
@@ -340,6 +346,16 @@ def compare_to_keep_loaded(seconds: dict, blocks_per_round: int, baseline: str =
     return results
 
 
+def timed_generate(base_url: str, prompt: str) -> float | None:
+    """Seconds one generation took through base_url, or None when it failed."""
+    started = time.monotonic()
+    try:
+        post_generate(base_url, prompt)
+    except (OSError, http.client.HTTPException, RuntimeError):
+        return None
+    return time.monotonic() - started
+
+
 PAUSE = 0.5  # seconds between paced requests: more than a spare takes to be forked and pre-warmed
 
 
@@ -363,17 +379,62 @@ def bench_paced(workdir: Path, rounds: int) -> dict:
                 for prompt in range(len(PROMPTS)):
                     for name in order:
                         time.sleep(PAUSE)
-                        started = time.monotonic()
-                        try:
-                            post_generate(watchdogs[name].base_url, PROMPTS[prompt])
-                        except (OSError, http.client.HTTPException, RuntimeError):
+                        elapsed = timed_generate(watchdogs[name].base_url, PROMPTS[prompt])
+                        if elapsed is None:
                             errors[name] += 1
-                            continue
-                        blocks[name][prompt].append(time.monotonic() - started)
+                        else:
+                            blocks[name][prompt].append(elapsed)
     results = compare_to_keep_loaded(seconds, PASSES)
     for name in modes:
         results[name]["errors"] = errors[name]
     return results
+
+
+SPAWN_MODES = {
+    "keep_loaded": WATCHDOG_MODES["keep_loaded"],
+    "zygote": WATCHDOG_MODES["restart_with_spare"],
+    "spawn": WATCHDOG_MODES["restart_with_spare_no_zygote"],
+    "spawn_portable": ({"restart_after_requests": 1}, {}, {"GPT4ALL_API_PORTABLE": "1"}),
+}
+SPAWN_PAUSE = 2.0  # seconds between two requests to one watchdog in the paced half
+
+
+def bench_spawn(workdir: Path, rounds: int) -> dict:
+    """SPAWN_MODES back to back (bench_watchdog), then paced: all watchdogs up at once, started
+    afresh each round; in each pass every watchdog (the order shuffled) takes its turn for one block,
+    each prompt once, each request SPAWN_PAUSE seconds after the previous answer of that watchdog.
+    Both compared to keep_loaded, prompt by prompt. The warm spare must hide the spawn model's load
+    when requests are SPAWN_PAUSE apart."""
+    back_to_back = bench_watchdog(workdir / "back-to-back", rounds, SPAWN_MODES)
+    seconds: dict = {name: [] for name in SPAWN_MODES}
+    errors = {name: 0 for name in SPAWN_MODES}
+    shuffles = random.Random(29)
+    for round_index in range(rounds):
+        with contextlib.ExitStack() as stack:
+            watchdogs = watchdogs_past_learning(stack, workdir / f"spawn-paced-{round_index}", SPAWN_MODES)
+            time.sleep(SPAWN_PAUSE)
+            for _ in range(PASSES):
+                names = list(SPAWN_MODES)
+                shuffles.shuffle(names)
+                for name in names:
+                    block: dict = {prompt: [] for prompt in range(len(PROMPTS))}
+                    seconds[name].append(block)
+                    for prompt in range(len(PROMPTS)):
+                        time.sleep(SPAWN_PAUSE)
+                        elapsed = timed_generate(watchdogs[name].base_url, PROMPTS[prompt])
+                        if elapsed is None:
+                            errors[name] += 1
+                        else:
+                            block[prompt].append(elapsed)
+    paced = compare_to_keep_loaded(seconds, PASSES)
+    for name in SPAWN_MODES:
+        paced[name]["errors"] = errors[name]
+    for results in (back_to_back, paced):  # the mean over the prompts of each one's median latency ratio
+        for name in SPAWN_MODES:
+            results[name]["vs_keep_loaded"] = round(statistics.mean(
+                mine / base for mine, base in zip(results[name]["median_s_per_prompt"],
+                                                  results["keep_loaded"]["median_s_per_prompt"])), 4)
+    return {"back_to_back": back_to_back, f"paced_{SPAWN_PAUSE:g}s": paced}
 
 
 def idle_cpu_fractions(pids: dict, seconds: float) -> dict:
@@ -610,11 +671,12 @@ def bench_busy(workdir: Path, rounds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "restart", "paced", "stream",
+    parser.add_argument("which", nargs="?", default="all", choices=["server", "watchdog", "restart", "paced", "spawn", "stream",
                                                                     "ollama", "busy", "tools", "prefix", "all"])
     parser.add_argument("--rounds", type=int, default=5, help="passes over the prompts (default %(default)s)")
     arguments = parser.parse_args()
     run_benches({"server": bench_server, "watchdog": bench_watchdog, "restart": bench_restart, "paced": bench_paced,
+                 "spawn": bench_spawn,
                  "stream": bench_stream, "busy": bench_busy,
                  "tools": bench_tools, "ollama": bench_ollama, "prefix": bench_prefix},
                 arguments.which, arguments.rounds, arguments.which)
