@@ -8,6 +8,8 @@ import time
 import openai
 import pytest
 
+from conftest import PORTABLE
+
 API_KEY = "test-key-123"
 FRANCE = [{"role": "system", "content": "You are a geography teacher."},
           {"role": "user", "content": "What is the capital of France?"}]
@@ -125,4 +127,6 @@ def test_an_abandoned_stream_frees_the_model(client, watchdog):
     answer.close()
     assert first.choices[0].delta.role == "assistant"
     print(f"first token after {started:.3f} s")
-    assert started < 1.0, f"the next request answered its first token {started:.2f} s after the abandoned stream"
+    # Portable run: the next spare's load (normal priority there, no SCHED_IDLE) shares the 2 cores.
+    limit = 2.0 if PORTABLE else 1.0
+    assert started < limit, f"the next request answered its first token {started:.2f} s after the abandoned stream"
