@@ -58,9 +58,6 @@ class Channel:
         self.eof = False
         self.send_lock = threading.Lock()
 
-    def fileno(self) -> int:
-        return self.socket.fileno()
-
     def close(self) -> None:
         close_all(self.fds)
         self.fds.clear()

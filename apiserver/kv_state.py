@@ -62,9 +62,7 @@ def cxx_allocator() -> Any:
 
 
 def mapped_file(address: int) -> str | None:
-    """The file whose mapping holds address (/proc/self/maps), or None (also without /proc)."""
-    if not system.proc():
-        return None
+    """The file whose mapping holds address (/proc/self/maps), or None."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
@@ -90,14 +88,14 @@ class NativeContext:
     def find_tokenize(self) -> Any:
         """LLamaModel::tokenize of the implementation library the model's vtable lies in (gpt4all
         loads several variants; only that one's code goes with this object)."""
+        if not system.proc():
+            raise NativeUnavailable("gpt4all's tokenizer is found through /proc/self/maps, which this system lacks")
         model = self.pointer(0)
         path = mapped_file(ctypes.c_uint64.from_address(model).value) if model else None
         try:
             function = getattr(ctypes.CDLL(path, mode=os.RTLD_NOLOAD), TOKENIZE) if path else None
         except (OSError, AttributeError):
             function = None
-        if function is None and not system.proc():
-            raise NativeUnavailable("gpt4all's tokenizer is found through /proc/self/maps, which this system lacks")
         if function is None:
             raise NativeUnavailable(f"gpt4all's tokenizer is not reachable (model code in {path})")
         function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_bool]

@@ -188,7 +188,7 @@ def probe_written_pages(generate: Callable[[], None]) -> Ranges:
 def populate(ranges: Ranges) -> int:
     """Copy these pages into this process now (MADV_POPULATE_WRITE: content unchanged). Returns
     the bytes done; stops at the first refusal (an older kernel says EINVAL)."""
-    if not ranges or not system.page_control():
+    if not ranges:
         return 0
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
