@@ -74,6 +74,7 @@ from apiserver.protocol import (
     MSG_RUNNING,
     MSG_STOPPED_ACCEPTING,
     MSG_WANT_SLOT,
+    SELF_TEST_RECORD,
     Backoff,
 )
 from apiserver.settings import Settings, add_address_arguments, configure_logging, load_settings, rotating_log_handler
@@ -163,7 +164,10 @@ class Supervisor:
         self.started_wall = time.time()
         self.backlog: Callable[[], int | None] = lambda: None  # connections no worker accepted yet
         self.on_pages: Callable[[bytes], None] = lambda payload: None  # a worker's written pages, for the zygote
-        self.forks_quickly: Callable[[], bool] = lambda: False  # the next worker comes from a ready zygote
+        # The next worker is better made after the answer than beside it: it is spawned (its load
+        # would take half the machine from the generation), or forked from a ready zygote. False while
+        # a zygote loads: a worker that loads its own model meanwhile is started at once. Set by Watchdog.
+        self.spare_may_wait: Callable[[], bool] = lambda: False
         # The prompt cache's saved contexts, kept across the workers' restarts.
         self.cache = CacheStore(cache_budget(settings), lambda worker, kind, payload, fds:
                                 worker.process.tell(kind, payload, fds))
@@ -457,16 +461,16 @@ class Supervisor:
         log.info("%s started", worker)
 
     def spare_can_wait(self, current: list[Worker]) -> bool:
-        """Only the spare is missing, it would be forked from the zygote, and a request is being
-        answered: a generation runs or waits for its slot, or a worker is BUSY (it stopped accepting
-        for its last request and has not yet removed its sentinel, which it does once the answer is
-        sent). Making a spare (the fork, the pre-warm's copy: 30 - 45 ms of CPU) beside a generation
-        slows it by about as much, since llama.cpp's threads wait for each other; so the spare is
-        forked after the answer, in the pause before the next request when there is one. All
-        `workers` accept meanwhile; when one of them stops accepting, more than the spare is
-        missing and the next worker is forked at once."""
+        """Only the spare is missing, it may wait (spare_may_wait), and a request is being answered:
+        a generation runs or waits for its slot, or a worker is BUSY (it stopped accepting for its
+        last request and has not yet removed its sentinel, which it does once the answer is sent).
+        Making a spare beside a generation slows it, since llama.cpp's threads wait for each other:
+        a fork and the pre-warm's copy by 30 - 45 ms, a spawned worker's model load (0.7 - 1 s of
+        CPU, at idle priority) by far more. So the spare is made after the answer, in the pause
+        before the next request when there is one. All `workers` accept meanwhile; when one of them
+        stops accepting, more than the spare is missing and the next worker is made at once."""
         return (len(current) == self.settings.workers and all(worker.state is State.ACTIVE for worker in current)
-                and self.forks_quickly()
+                and self.spare_may_wait()
                 and bool(self.running or self.waiting or self.find(State.BUSY)))
 
     def unavailable(self, now: float) -> tuple[str, float] | None:
@@ -546,9 +550,11 @@ def configure_server_log(settings: Settings) -> None:
     server_log.propagate = False
 
 
-def remove_stale_sentinels(settings: Settings) -> None:
-    """Sentinels of a previous watchdog on our port (other ports' belong to running watchdogs)."""
-    names = (state_file(settings, WORKER_SENTINEL, serial="*").name, state_file(settings, ZYGOTE_SENTINEL).name)
+def remove_stale_files(settings: Settings) -> None:
+    """Sentinels and the self-test's pass of a previous watchdog on our port (other ports' belong to
+    running watchdogs): this run's first worker (or zygote) tests the prompt cache afresh."""
+    names = (state_file(settings, WORKER_SENTINEL, serial="*").name, state_file(settings, ZYGOTE_SENTINEL).name,
+             state_file(settings, SELF_TEST_RECORD).name)
     for sentinel in [path for name in names for path in settings.state_dir.glob(name)]:
         log.info("removing %s, left by a previous run", sentinel)
         sentinel.unlink(missing_ok=True)
@@ -579,12 +585,12 @@ class Watchdog:
         self.responder.on_answer = lambda: self.supervisor.totals.add({"route": UNAVAILABLE_ROUTE, "status": 503})
         self.zygote = self.make_zygote(settings)
         self.supervisor.on_pages = self.forward_pages
-        self.supervisor.forks_quickly = lambda: bool(self.zygote and self.zygote.ready and not self.zygote.forking)
+        self.supervisor.spare_may_wait = lambda: not self.zygote or (self.zygote.ready and not self.zygote.forking)
         self.next_stray_check = 0.0
 
     def make_zygote(self, settings: Settings) -> Zygote | None:
         """The zygote when the process model is the zygote's (choose_process_model), else None:
-        each worker is spawned and loads the model itself, the warm spare hiding the load."""
+        each worker is spawned and loads the model itself (the spare in the pause after an answer)."""
         use_zygote, why = choose_process_model(settings)
         if use_zygote and not system.become_subreaper():
             use_zygote, why = False, "cannot become a child subreaper (prctl)"
@@ -592,7 +598,7 @@ class Watchdog:
             log.info("process model: zygote (%s): workers are forked from one loaded model", why)
             return Zygote(settings, self.listener, self.selector)
         log.info("process model: spawn (%s): each worker loads the model itself%s", why,
-                 ", the warm spare hiding the load" if settings.warm_spare else "")
+                 ", the warm spare while no request is being answered" if settings.warm_spare else "")
         return None
 
     def forward_pages(self, pages: bytes) -> None:
@@ -730,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
             log.critical("cannot listen on %s:%d: %s", settings.host, settings.port, error)
             return 2
         with listener:
-            remove_stale_sentinels(settings)
+            remove_stale_files(settings)
             log.info("watchdog started: pid %d, config %s, listening on %s:%d, restart_after_requests = %d, "
                      "warm_spare = %s, heartbeat_timeout = %g s, stop_timeout = %g s, backoff_max = %g s, "
                      "max_rss_mb = %d, worker: %s", os.getpid(), settings.config_file,

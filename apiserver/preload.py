@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from apiserver import system
@@ -20,7 +21,7 @@ from apiserver.engine import ModelRunner
 from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model
 from apiserver.pages import Ranges, populate
 from apiserver.prefix import Prefix, evaluate_prefix
-from apiserver.protocol import ENV_ZYGOTE_SERVES, Sentinel
+from apiserver.protocol import ENV_ZYGOTE_SERVES, SELF_TEST_RECORD, Sentinel
 from apiserver.reuse_setup import ReuseSetup, prepare_reuse
 from apiserver.settings import Settings
 
@@ -46,6 +47,11 @@ def lower_this_thread_priority() -> None:
     undo it, and a load nobody is waiting behind should get the whole machine). Never in a forked
     worker: pages it shares with the active worker would make this a priority inversion."""
     system.lower_this_thread_priority()  # where threads have an idle class (Linux): elsewhere, normal
+
+
+def self_test_record(settings: Settings) -> Path:
+    """Where a pass of the prompt cache's self-test is kept for this watchdog's next processes."""
+    return settings.state_dir / SELF_TEST_RECORD.format(port=settings.port)
 
 
 def saves_contexts(settings: Settings) -> bool:
@@ -85,7 +91,7 @@ class ModelLoader(threading.Thread):
                 # Where a zygote forks the workers, it runs the self-test, once: a worker that loaded
                 # its own model meanwhile serves a few requests at most, and saves nothing.
                 entries = self.worker and saves_contexts(settings) and os.environ.get(ENV_ZYGOTE_SERVES) != "1"
-                reuse = prepare_reuse(model, settings, template, entries)
+                reuse = prepare_reuse(model, settings, template, entries, self_test_record(settings))
                 prefix = evaluate_prefix(model, settings, template, reuse.tokenizer())
                 how = f"loaded in {self.load_seconds:.2f}s:"
             self.runner = ModelRunner(model, settings, template, self.heartbeat.touch, cpu_share, prefix, reuse)

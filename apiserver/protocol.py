@@ -39,6 +39,10 @@ ENV_BACKGROUND = "GPT4ALL_API_BACKGROUND"  # "1": another worker is serving, loa
 ENV_ZYGOTE_SERVES = "GPT4ALL_API_ZYGOTE_SERVES"  # "1": a zygote forks the workers after this one
 ENV_WATCHDOG_PID = "GPT4ALL_API_WATCHDOG_PID"  # whose family's CPU time is not "other programs"
 
+# In state_dir, named for the port: the prompt cache's self-test passed in a process of this watchdog
+# (reuse_setup.py); the watchdog removes it at its start, so that each run tests once.
+SELF_TEST_RECORD = "prompt-cache-self-test-{port}.json"
+
 HEARTBEAT_EVERY = 0.5  # seconds between two touches of the sentinel
 BACKOFF_START = 1.0  # seconds: the first delay after a failure
 

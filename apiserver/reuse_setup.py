@@ -14,17 +14,22 @@ and the same question evaluated from the boundary: the answer must be the same t
 context laid out as kv_state expects before and after. Two saves of different lengths give the
 state's size per token (its room is allocated before llama.cpp writes). A doubt about the
 tokenizer turns all reuse off; a failed self-test turns the saved entries off (the reuse inside a
-process and the configured system prompt's prefix go on); one log line says why. Imports settings,
-model, model_facts, kv_state, turns and cache_entry.
+process and the configured system prompt's prefix go on); one log line says why. A pass is kept in
+a record file (the watchdog's state_dir, removed at its start) with the fingerprint it was made on:
+a spawned worker whose fingerprint matches takes the state's size and shape from it instead of
+running the test again (2 - 3 s of one thread per worker, each of which is as fresh as the first).
+Imports settings, model, model_facts, kv_state, turns and cache_entry.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from apiserver.cache_entry import (
@@ -194,10 +199,12 @@ class SelfTest:
         return fingerprint, StateSize(first_size - per_token * first_tokens, per_token), facts
 
 
-def prepare_reuse(model: Any, settings: Settings, template: ChatTemplate, entries: bool) -> ReuseSetup:
+def prepare_reuse(model: Any, settings: Settings, template: ChatTemplate, entries: bool,
+                  record: Path | None = None) -> ReuseSetup:
     """Learn the markers and check the tokenizer; with entries (saved and restored across
-    processes), run the self-test. What is off says why, in one log line."""
-    setup = learn_and_test(model, settings, template, entries)
+    processes), run the self-test, or take its pass from record (the module's docstring). What is
+    off says why, in one log line."""
+    setup = learn_and_test(model, settings, template, entries, record)
     if not setup.marker_ids:
         log.warning("prompts are evaluated whole (no reuse of evaluated turns): %s", setup.entries_off)
     elif entries and setup.fingerprint is None:
@@ -205,7 +212,8 @@ def prepare_reuse(model: Any, settings: Settings, template: ChatTemplate, entrie
     return setup
 
 
-def learn_and_test(model: Any, settings: Settings, template: ChatTemplate, entries: bool) -> ReuseSetup:
+def learn_and_test(model: Any, settings: Settings, template: ChatTemplate, entries: bool,
+                   record: Path | None) -> ReuseSetup:
     if not template.turn_start:
         return ReuseSetup(entries_off=f"the {template.name} template has no special token that begins a turn")
     threads = model.model.thread_count()
@@ -229,6 +237,13 @@ def learn_and_test(model: Any, settings: Settings, template: ChatTemplate, entri
     if settings.device != "cpu":
         return dataclasses.replace(setup, entries_off=f"device = {settings.device}: saved contexts are restored "
                                                       "on the cpu only")
+    if record is not None and native.layout_holds():
+        fingerprint = make_fingerprint(native, settings, template, setup.marker_ids)
+        known = recorded_pass(record, fingerprint)
+        if known is not None:
+            log.info("prompt cache: the self-test passed in an earlier process of this watchdog (%s), on the same "
+                     "model, settings and gpt4all: not run again", record.name)
+            return dataclasses.replace(setup, fingerprint=fingerprint, state_size=known[0], state_facts=known[1])
     model.model.set_thread_count(1)
     try:
         fingerprint, state_size, facts = test.saved_and_restored()
@@ -238,4 +253,38 @@ def learn_and_test(model: Any, settings: Settings, template: ChatTemplate, entri
         model.model.set_thread_count(threads)
     log.info("prompt cache: self-test passed in %.2f s (a restored context answers as a full evaluation; "
              "%d bytes of state per token)", time.monotonic() - started, state_size.per_token)
+    record_pass(record, fingerprint, state_size, facts)
     return dataclasses.replace(setup, fingerprint=fingerprint, state_size=state_size, state_facts=facts)
+
+
+def recorded_pass(record: Path, fingerprint: dict[str, Any]) -> tuple[StateSize, dict[str, int]] | None:
+    """(the state's size, its shape) a pass of the self-test on this fingerprint left in record;
+    None when there is none, or it is of another fingerprint or unreadable."""
+    try:
+        document = json.loads(record.read_text())
+        if document["fingerprint"] != fingerprint:
+            return None
+        fixed, per_token = (int(value) for value in document["state_size"])
+        facts = {str(name): int(value) for name, value in document["state_facts"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if fixed <= 0 or per_token <= 0 or not facts:
+        return None
+    return StateSize(fixed, per_token), facts
+
+
+def record_pass(record: Path | None, fingerprint: dict[str, Any], state_size: StateSize,
+                facts: dict[str, int]) -> None:
+    """Keep a pass for the processes started after this one (written whole, then renamed)."""
+    if record is None:
+        return
+    temporary = record.with_name(f".{record.name}.{os.getpid()}")
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps({"fingerprint": fingerprint, "state_size": [state_size.fixed,
+                                                                                     state_size.per_token],
+                                         "state_facts": facts}))
+        os.replace(temporary, record)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        log.warning("cannot keep the self-test's pass in %s (%s): each worker runs it", record, error)

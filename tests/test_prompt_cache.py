@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import logging
 import os
 
@@ -46,6 +47,45 @@ def test_the_self_test_passes_and_learns_the_state_size(fake_native, model_setti
     assert setup.state_size.per_token == 96 + 16, "KV and cell bytes per token"
     assert setup.state_facts["kv_bytes_per_cell"] == 96
     assert setup.fingerprint["n_ctx"] == model_settings.n_ctx and setup.fingerprint["markers"] == [151644]
+
+
+def test_a_pass_is_recorded_and_taken_by_the_next_process_instead_of_a_second_test(fake_native, model_settings,
+                                                                                 tmp_path, monkeypatch, caplog):
+    record = tmp_path / "run" / "prompt-cache-self-test-5000.json"
+    first = prepare_reuse(FakeModel(), model_settings, CHATML, entries=True, record=record)
+    assert record.exists() and first.fingerprint is not None
+
+    def must_not_run(self):
+        raise AssertionError("the self-test ran again")
+    monkeypatch.setattr(reuse_setup.SelfTest, "saved_and_restored", must_not_run)
+    with caplog.at_level(logging.INFO, logger="gpt4all_api"):
+        second = prepare_reuse(FakeModel(), model_settings, CHATML, entries=True, record=record)
+    assert (second.fingerprint, second.state_size, second.state_facts) == (
+        first.fingerprint, first.state_size, first.state_facts)
+    assert "passed in an earlier process" in caplog.text
+
+
+@pytest.mark.parametrize("record_text", ["", "{not json", '{"fingerprint": {}, "state_size": [1, 2], "state_facts": {"a": 1}}',
+                                         '{"fingerprint": "same", "state_size": [0, 0], "state_facts": {}}'])
+def test_a_record_of_another_fingerprint_or_unreadable_is_not_taken(fake_native, model_settings, tmp_path,
+                                                                    record_text):
+    record = tmp_path / "prompt-cache-self-test-5000.json"
+    expected = prepare_reuse(FakeModel(), model_settings, CHATML, entries=True)
+    record.write_text(record_text.replace('"same"', json.dumps(expected.fingerprint)))
+    setup = prepare_reuse(FakeModel(), model_settings, CHATML, entries=True, record=record)
+    assert (setup.fingerprint, setup.state_size) == (expected.fingerprint, expected.state_size), "tested afresh"
+    assert json.loads(record.read_text())["fingerprint"] == expected.fingerprint, "and the pass recorded"
+
+
+def test_another_model_file_is_tested_afresh(fake_native, model_settings, tmp_path, monkeypatch):
+    record = tmp_path / "prompt-cache-self-test-5000.json"
+    prepare_reuse(FakeModel(), model_settings, CHATML, entries=True, record=record)
+    model_settings.model_file.write_bytes(b"GGUF" + bytes(200))  # replaced: another size and digest
+    ran = []
+    saved_and_restored = reuse_setup.SelfTest.saved_and_restored
+    monkeypatch.setattr(reuse_setup.SelfTest, "saved_and_restored", lambda self: ran.append(1) or saved_and_restored(self))
+    prepare_reuse(FakeModel(), model_settings, CHATML, entries=True, record=record)
+    assert ran == [1]
 
 
 @pytest.mark.parametrize("fault", ["answer", "misread", "layout"])

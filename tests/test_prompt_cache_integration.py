@@ -264,6 +264,25 @@ def test_every_fault_is_answered_by_evaluating_the_whole_prompt(two_workers):
     assert "Traceback" not in server_log(process) and "Traceback" not in watchdog_log(process)
 
 
+def test_spawned_workers_test_the_cache_once_and_share_it(on_and_off, start):
+    """The spawn process model (zygote = false): each worker loads its own model; the first one runs
+    the self-test, the next ones take its pass from the record and restore what it saved."""
+    off = on_and_off[1]
+    process = start("watchdog.py", {**SETTINGS, "model": {**SETTINGS["model"], "prompt_cache": "true"},
+                                    "watchdog": {"zygote": "false"}})
+    process.wait_ready(180)
+    process.wait_for_spare(180)
+    for number, question in enumerate(reversed(QUESTIONS)):
+        messages = [{"role": "system", "content": HOUSE}, {"role": "user", "content": question}]
+        (text, prompt, cached), (reference, _, _) = both(process, off, lambda p: chat(p, messages))  # noqa: B023
+        assert text == reference, f"question {number}: {text!r} != {reference!r}"
+        assert (cached == 0) if number == 0 else (400 < cached < prompt), (number, cached)
+    log = server_log(process)
+    assert log.count("prompt cache: self-test passed in") == 1, "the first worker tests"
+    assert log.count("the self-test passed in an earlier process of this watchdog") >= 3, "the next ones do not"
+    assert "process model: spawn" in watchdog_log(process)
+
+
 def test_no_reuse_still_answers_every_request(start):
     """A setup whose prompts cannot be cut (here llama3's turn markers, which are not special tokens
     of the default model) turns all reuse off with one log line; every request is answered."""

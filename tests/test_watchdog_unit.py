@@ -36,7 +36,7 @@ from apiserver.settings import Settings
 from apiserver.unavailable import unavailable_reply
 from apiserver.zygote_client import FORK_TIMEOUT
 from conftest import REPO
-from watchdog import State, Supervisor, Worker, Zygote, describe_exit
+from watchdog import State, Supervisor, Worker, Zygote, describe_exit, remove_stale_files
 
 
 class FakeProcess:
@@ -538,9 +538,9 @@ def test_a_worker_whose_restart_is_due_is_busy_and_the_spare_takes_the_socket_at
     assert harness.supervisor.restarts["planned"] == 1
 
 
-def test_a_forked_spare_waits_for_the_answer_it_would_slow() -> None:
+def test_a_spare_waits_for_the_answer_it_would_slow() -> None:
     harness = Harness()
-    harness.supervisor.forks_quickly = lambda: True  # a ready zygote
+    harness.supervisor.spare_may_wait = lambda: True  # spawned, or forked from a ready zygote
     active = harness.serving()
     spare = harness.processes[1]
     active.say(MSG_STOPPED_ACCEPTING)
@@ -550,7 +550,7 @@ def test_a_forked_spare_waits_for_the_answer_it_would_slow() -> None:
     harness.tick()
     active.say(MSG_DONE)
     harness.tick()
-    assert len(harness.processes) == 2, "no fork while the busy worker generates or sends its answer"
+    assert len(harness.processes) == 2, "no spare while the busy worker generates or sends its answer"
     active.mtime = None  # answered: it removed its sentinel
     harness.tick()
     assert harness.state_of(active) is State.RETIRING and len(harness.processes) == 3
@@ -558,7 +558,7 @@ def test_a_forked_spare_waits_for_the_answer_it_would_slow() -> None:
 
 def test_in_keep_loaded_mode_a_missing_spare_waits_for_the_running_generation() -> None:
     harness = Harness(restart_after_requests=0)
-    harness.supervisor.forks_quickly = lambda: True
+    harness.supervisor.spare_may_wait = lambda: True
     active = harness.serving()
     active.say(MSG_WANT_SLOT)
     harness.processes[1].returncode = -9  # the spare was killed
@@ -570,9 +570,9 @@ def test_in_keep_loaded_mode_a_missing_spare_waits_for_the_running_generation() 
     assert len(harness.processes) == 3
 
 
-def test_a_spare_is_forked_at_once_when_no_worker_would_accept_without_it() -> None:
+def test_a_spare_is_made_at_once_when_no_worker_would_accept_without_it() -> None:
     harness = Harness()
-    harness.supervisor.forks_quickly = lambda: True
+    harness.supervisor.spare_may_wait = lambda: True
     active = harness.serving()
     spare = harness.processes[1]
     active.say(MSG_STOPPED_ACCEPTING)
@@ -584,8 +584,9 @@ def test_a_spare_is_forked_at_once_when_no_worker_would_accept_without_it() -> N
     assert len(harness.processes) == 3
 
 
-def test_a_spare_that_loads_its_own_model_is_not_held_back() -> None:
-    harness = Harness()  # forks_quickly: no ready zygote, the spare takes seconds to load
+def test_a_spare_is_not_held_back_while_the_zygote_loads() -> None:
+    harness = Harness()
+    harness.supervisor.spare_may_wait = lambda: False  # the spare loads its own model meanwhile
     active = harness.serving()
     active.say(MSG_STOPPED_ACCEPTING)
     active.say(MSG_WANT_SLOT)
@@ -885,3 +886,13 @@ def test_the_zygote_forks_each_worker_once_tells_its_exit_and_reaps_it(tmp_path:
         if loop.poll() is None:
             loop.kill()
             loop.wait()
+
+
+def test_a_start_removes_the_files_of_a_previous_run_on_its_port_only(tmp_path: Path) -> None:
+    settings = Settings(config_file=tmp_path / "config.ini", port=5000, state_dir=tmp_path)
+    ours = ["worker-5000-3.sentinel", "zygote-5000.sentinel", "prompt-cache-self-test-5000.json"]
+    theirs = ["worker-5001-3.sentinel", "zygote-5001.sentinel", "prompt-cache-self-test-5001.json"]
+    for name in ours + theirs:
+        (tmp_path / name).touch()
+    remove_stale_files(settings)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(theirs)
