@@ -598,7 +598,7 @@ class Watchdog:
             log.info("process model: zygote (%s): workers are forked from one loaded model", why)
             return Zygote(settings, self.listener, self.selector)
         log.info("process model: spawn (%s): each worker loads the model itself%s", why,
-                 ", the warm spare while no request is being answered" if settings.warm_spare else "")
+                 ", the warm spare after each answer" if settings.warm_spare else "")
         return None
 
     def forward_pages(self, pages: bytes) -> None:

@@ -257,7 +257,12 @@ def load_model(settings: Settings) -> Any:
 PROMPT_AS_IS = "%1%2"
 
 
-def warm_up(model: Any, settings: Settings) -> None:
-    """One tiny generation in the zygote, so the buffers its forked workers write into already exist."""
-    model.model.prompt_model("Hello, how are you today? Answer in one word.", PROMPT_AS_IS, lambda token_id, piece: False,
+WARM_UP_TEXT = "Hello, how are you today? Answer in one word."
+
+
+def warm_up(model: Any, settings: Settings, text: str = WARM_UP_TEXT) -> None:
+    """One tiny generation (in the zygote, so the buffers its forked workers write into already
+    exist; in a worker that loaded its own model, so that its first request does not touch every
+    page of the weights first: one token touches them all)."""
+    model.model.prompt_model(text, PROMPT_AS_IS, lambda token_id, piece: False,
                              n_predict=1, n_batch=settings.n_batch, reset_context=True, special=True)

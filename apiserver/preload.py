@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from apiserver import system
 from apiserver.cpu_share import CpuShare, watch_cpu_share
 from apiserver.engine import ModelRunner
-from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model
+from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model, warm_up
 from apiserver.pages import Ranges, populate
 from apiserver.prefix import Prefix, evaluate_prefix
 from apiserver.protocol import ENV_ZYGOTE_SERVES, SELF_TEST_RECORD, Sentinel
@@ -72,6 +72,21 @@ class ModelLoader(threading.Thread):
         self.error: str | None = None
         self.load_seconds: float | None = None  # None: the zygote loaded it
 
+    def evaluate_ahead(self, model: Any, template: ChatTemplate, reuse: ReuseSetup) -> Prefix | None:
+        """The configured system prompt's prefix; without one, a tiny generation, else the first
+        request would be the first to touch the weights' pages. Beside a serving worker with one
+        thread: two threads of each on two cores wait for each other, and slow the generation most."""
+        threads = model.model.thread_count()
+        if self.background:
+            model.model.set_thread_count(1)
+        try:
+            prefix = evaluate_prefix(model, self.settings, template, reuse.tokenizer())
+            if prefix is None:
+                warm_up(model, self.settings, "Hi")
+        finally:
+            model.model.set_thread_count(threads)
+        return prefix
+
     def run(self) -> None:
         settings = self.settings
         if self.background:
@@ -92,7 +107,7 @@ class ModelLoader(threading.Thread):
                 # its own model meanwhile serves a few requests at most, and saves nothing.
                 entries = self.worker and saves_contexts(settings) and os.environ.get(ENV_ZYGOTE_SERVES) != "1"
                 reuse = prepare_reuse(model, settings, template, entries, self_test_record(settings))
-                prefix = evaluate_prefix(model, settings, template, reuse.tokenizer())
+                prefix = self.evaluate_ahead(model, template, reuse)
                 how = f"loaded in {self.load_seconds:.2f}s:"
             self.runner = ModelRunner(model, settings, template, self.heartbeat.touch, cpu_share, prefix, reuse)
             log.info("%s model %s (template %s, n_ctx %d)", how, settings.model_id, template.name, settings.n_ctx)
