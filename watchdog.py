@@ -79,7 +79,7 @@ from apiserver.protocol import (
 )
 from apiserver.settings import Settings, add_address_arguments, configure_logging, load_settings, rotating_log_handler
 from apiserver.unavailable import UnavailableResponder
-from apiserver.worker_process import WorkerProcess, describe_exit, log_message_of, state_file, worker_command
+from apiserver.worker_process import WorkerProcess, describe_exit, log_message_of, worker_command
 from apiserver.zygote_client import ZYGOTE_SENTINEL, Zygote, choose_process_model
 
 log = logging.getLogger("watchdog")
@@ -87,7 +87,7 @@ log = logging.getLogger("watchdog")
 server_log = logging.getLogger("watchdog.server_log")
 
 HERE = Path(__file__).resolve().parent
-# Files in state_dir, named for the port (state_file()).
+# Files in state_dir, named for the port (Settings.state_file).
 LOCK_FILE, WORKER_SENTINEL = "watchdog-{port}.lock", "worker-{port}-{serial}.sentinel"
 # The metrics' route label of the 503s the watchdog answers itself while no worker can serve.
 UNAVAILABLE_ROUTE = "(watchdog: no worker can serve)"
@@ -446,7 +446,7 @@ class Supervisor:
             return
         serial = self.serial + 1
         try:
-            process = self.spawn_process(state_file(self.settings, WORKER_SENTINEL, serial=serial))
+            process = self.spawn_process(self.settings.state_file(WORKER_SENTINEL, serial=serial))
         except OSError as error:
             log.error("cannot start worker %d: %s", serial, error)
             self.serial = serial
@@ -553,11 +553,11 @@ def configure_server_log(settings: Settings) -> None:
 def remove_stale_files(settings: Settings) -> None:
     """Sentinels and the self-test's pass of a previous watchdog on our port (other ports' belong to
     running watchdogs): this run's first worker (or zygote) tests the prompt cache afresh."""
-    names = (state_file(settings, WORKER_SENTINEL, serial="*").name, state_file(settings, ZYGOTE_SENTINEL).name,
-             state_file(settings, SELF_TEST_RECORD).name)
-    for sentinel in [path for name in names for path in settings.state_dir.glob(name)]:
-        log.info("removing %s, left by a previous run", sentinel)
-        sentinel.unlink(missing_ok=True)
+    names = (settings.state_file(WORKER_SENTINEL, serial="*").name, settings.state_file(ZYGOTE_SENTINEL).name,
+             settings.state_file(SELF_TEST_RECORD).name)
+    for path in [path for name in names for path in settings.state_dir.glob(name)]:
+        log.info("removing %s, left by a previous run", path)
+        path.unlink(missing_ok=True)
 
 
 def log_what_this_system_lacks(settings: Settings) -> None:
@@ -721,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"watchdog: {error}", file=sys.stderr)
         return 2
     system.set_process_name("gpt4all-watcher")
-    lock_file = state_file(settings, LOCK_FILE)
+    lock_file = settings.state_file(LOCK_FILE)
     try:
         lock = acquire_lock(lock_file)
     except LockHeld as error:

@@ -8,6 +8,7 @@ Imports settings and cpu_share.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -15,7 +16,7 @@ import io
 import logging
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -255,6 +256,18 @@ def load_model(settings: Settings) -> Any:
 # reply: with "%1" alone gpt4all 2.8.2 evaluates "\n\n" after it (its default assistant suffix), which
 # costs a token's evaluation after every answer and would sit between a cached prefix and the rest.
 PROMPT_AS_IS = "%1%2"
+
+
+@contextlib.contextmanager
+def running_threads(model: Any, count: int) -> Iterator[None]:
+    """The model generates with count threads inside, with its own number again after (beside a
+    serving worker one thread slows the generation least: two of each on two cores wait for each other)."""
+    before = model.model.thread_count()
+    model.model.set_thread_count(count)
+    try:
+        yield
+    finally:
+        model.model.set_thread_count(before)
 
 
 WARM_UP_TEXT = "Hello, how are you today? Answer in one word."

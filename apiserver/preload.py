@@ -12,13 +12,12 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from apiserver import system
 from apiserver.cpu_share import CpuShare, watch_cpu_share
 from apiserver.engine import ModelRunner
-from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model, warm_up
+from apiserver.model import CannotLoad, ChatTemplate, choose_template, load_model, running_threads, warm_up
 from apiserver.pages import Ranges, populate
 from apiserver.prefix import Prefix, evaluate_prefix
 from apiserver.protocol import ENV_ZYGOTE_SERVES, SELF_TEST_RECORD, Sentinel
@@ -49,11 +48,6 @@ def lower_this_thread_priority() -> None:
     system.lower_this_thread_priority()  # where threads have an idle class (Linux): elsewhere, normal
 
 
-def self_test_record(settings: Settings) -> Path:
-    """Where a pass of the prompt cache's self-test is kept for this watchdog's next processes."""
-    return settings.state_dir / SELF_TEST_RECORD.format(port=settings.port)
-
-
 def saves_contexts(settings: Settings) -> bool:
     """Workers that exit after their requests save their contexts for the next ones (prompt_cache),
     into memory files (system.memory_files)."""
@@ -76,15 +70,10 @@ class ModelLoader(threading.Thread):
         """The configured system prompt's prefix; without one, a tiny generation, else the first
         request would be the first to touch the weights' pages. Beside a serving worker with one
         thread: two threads of each on two cores wait for each other, and slow the generation most."""
-        threads = model.model.thread_count()
-        if self.background:
-            model.model.set_thread_count(1)
-        try:
+        with running_threads(model, 1 if self.background else model.model.thread_count()):
             prefix = evaluate_prefix(model, self.settings, template, reuse.tokenizer())
             if prefix is None:
                 warm_up(model, self.settings, "Hi")
-        finally:
-            model.model.set_thread_count(threads)
         return prefix
 
     def run(self) -> None:
@@ -106,7 +95,7 @@ class ModelLoader(threading.Thread):
                 # Where a zygote forks the workers, it runs the self-test, once: a worker that loaded
                 # its own model meanwhile serves a few requests at most, and saves nothing.
                 entries = self.worker and saves_contexts(settings) and os.environ.get(ENV_ZYGOTE_SERVES) != "1"
-                reuse = prepare_reuse(model, settings, template, entries, self_test_record(settings))
+                reuse = prepare_reuse(model, settings, template, entries, settings.state_file(SELF_TEST_RECORD))
                 prefix = self.evaluate_ahead(model, template, reuse)
                 how = f"loaded in {self.load_seconds:.2f}s:"
             self.runner = ModelRunner(model, settings, template, self.heartbeat.touch, cpu_share, prefix, reuse)

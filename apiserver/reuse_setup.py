@@ -42,7 +42,7 @@ from apiserver.cache_entry import (
     write_entry,
 )
 from apiserver.kv_state import NativeContext, NativeUnavailable
-from apiserver.model import PROMPT_AS_IS, ChatTemplate
+from apiserver.model import PROMPT_AS_IS, ChatTemplate, running_threads
 from apiserver.model_facts import file_digest
 from apiserver.settings import Settings
 from apiserver.turns import Evaluated, PromptTokenizer, batch_size, turn_offsets
@@ -216,22 +216,19 @@ def learn_and_test(model: Any, settings: Settings, template: ChatTemplate, entri
                    record: Path | None) -> ReuseSetup:
     if not template.turn_start:
         return ReuseSetup(entries_off=f"the {template.name} template has no special token that begins a turn")
-    threads = model.model.thread_count()
-    model.model.set_thread_count(1)  # beside a generation, one thread slows it least (none waits for another)
     started = time.monotonic()
     try:
-        native = NativeContext(model)
-        found, bos = learn_markers(model, template, settings)
-        if not found:
-            return ReuseSetup(entries_off="no turn marker is a special token of this model")
-        sentinel = next(iter(found.items()))
-        setup = ReuseSetup(frozenset(found.values()), sentinel, bos, native=native)
-        test = SelfTest(model, native, settings, template, setup)
-        test.check_tokenizer()
+        with running_threads(model, 1):  # beside a generation, one thread slows it least
+            native = NativeContext(model)
+            found, bos = learn_markers(model, template, settings)
+            if not found:
+                return ReuseSetup(entries_off="no turn marker is a special token of this model")
+            sentinel = next(iter(found.items()))
+            setup = ReuseSetup(frozenset(found.values()), sentinel, bos, native=native)
+            test = SelfTest(model, native, settings, template, setup)
+            test.check_tokenizer()
     except (NativeUnavailable, SelfTestFailed) as error:
         return ReuseSetup(entries_off=str(error))
-    finally:
-        model.model.set_thread_count(threads)
     if not entries:
         return setup
     if settings.device != "cpu":
@@ -244,13 +241,11 @@ def learn_and_test(model: Any, settings: Settings, template: ChatTemplate, entri
             log.info("prompt cache: the self-test passed in an earlier process of this watchdog (%s), on the same "
                      "model, settings and gpt4all: not run again", record.name)
             return dataclasses.replace(setup, fingerprint=fingerprint, state_size=known[0], state_facts=known[1])
-    model.model.set_thread_count(1)
     try:
-        fingerprint, state_size, facts = test.saved_and_restored()
+        with running_threads(model, 1):
+            fingerprint, state_size, facts = test.saved_and_restored()
     except (SelfTestFailed, InvalidEntry, OSError) as error:
         return dataclasses.replace(setup, entries_off=f"the self-test failed: {error}")
-    finally:
-        model.model.set_thread_count(threads)
     log.info("prompt cache: self-test passed in %.2f s (a restored context answers as a full evaluation; "
              "%d bytes of state per token)", time.monotonic() - started, state_size.per_token)
     record_pass(record, fingerprint, state_size, facts)

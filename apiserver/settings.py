@@ -92,6 +92,10 @@ class Settings:
     def model_id(self) -> str:
         return self.model_file.name
 
+    def state_file(self, name: str, **fields: object) -> Path:
+        """A file in state_dir named for our port, so that watchdogs on other ports share the folder."""
+        return self.state_dir / name.format(port=self.port, **fields)
+
 
 
 def bounded(convert: Callable[[str], Any], minimum: float, inclusive: bool) -> Callable[[str], Any]:

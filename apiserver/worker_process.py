@@ -2,8 +2,8 @@
 zygote_client.py, the only parts of the watchdog that start, signal and reap processes.
 
 Owns WorkerProcess (a worker's process group, control channel, sentinel and output pipe),
-ForkedProcess (what WorkerProcess needs of a Popen, for a forked worker), worker_command,
-state_file and describe_exit; the zygote's client is zygote_client.py. The Supervisor in
+ForkedProcess (what WorkerProcess needs of a Popen, for a forked worker), worker_command
+and describe_exit; the zygote's client is zygote_client.py. The Supervisor in
 watchdog.py uses only their pids and methods, so unit tests replace them with fakes. Imports
 system, channel, settings and protocol: never gpt4all, never the HTTP server.
 """
@@ -50,11 +50,6 @@ def worker_command(settings: Settings) -> list[str]:
     script = os.environ.get(WORKER_SCRIPT_ENV) or str(SCRIPTS / "gpt4all_api.py")
     return [sys.executable, "-u", script, "--config", str(settings.config_file), "--host", settings.host,
             "--port", str(settings.port)]
-
-
-def state_file(settings: Settings, name: str, **fields: object) -> Path:
-    """A file in state_dir named for our port, so that watchdogs on other ports share the folder."""
-    return settings.state_dir / name.format(port=settings.port, **fields)
 
 
 def describe_exit(returncode: int, killed_by_us: bool) -> str:

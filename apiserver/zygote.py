@@ -20,8 +20,8 @@ from apiserver.model import CannotLoad, choose_template, load_model, warm_up
 from apiserver.model_facts import gguf_header
 from apiserver.pages import LearnedPages, probe_written_pages
 from apiserver.prefix import evaluate_prefix, pre_warm
-from apiserver.preload import Preloaded, saves_contexts, self_test_record
-from apiserver.protocol import ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD
+from apiserver.preload import Preloaded, saves_contexts
+from apiserver.protocol import ENV_ZYGOTE_FD, EXIT_CANNOT_LOAD, SELF_TEST_RECORD
 from apiserver.reuse_setup import prepare_reuse
 from apiserver.settings import Settings
 from apiserver.system import set_process_name
@@ -51,7 +51,7 @@ def run_zygote(settings: Settings, serve: Callable[[Preloaded], int]) -> int:
     load_seconds = time.monotonic() - started
     warm_up(model, settings)
     template = choose_template(settings, settings.model_file)
-    reuse = prepare_reuse(model, settings, template, saves_contexts(settings), self_test_record(settings))
+    reuse = prepare_reuse(model, settings, template, saves_contexts(settings), settings.state_file(SELF_TEST_RECORD))
     prefix = evaluate_prefix(model, settings, template, reuse.tokenizer())  # every forked worker starts with it
     written_pages = probe_written_pages(lambda: pre_warm(model, settings, template, prefix))
     if settings.huge_pages:  # the memory every worker starts from: fewer page-table entries to copy and drop

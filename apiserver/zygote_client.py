@@ -20,12 +20,12 @@ from apiserver import system
 from apiserver.channel import channel_pair
 from apiserver.protocol import ZYGOTE_PAGES, Backoff
 from apiserver.settings import Settings
-from apiserver.worker_process import ForkedProcess, WorkerProcess, describe_exit, state_file, worker_command
+from apiserver.worker_process import ForkedProcess, WorkerProcess, describe_exit, worker_command
 
 log = logging.getLogger("watchdog")
 
 FORK_TIMEOUT = 5.0  # seconds the zygote may take to say the pid of a worker it forks
-ZYGOTE_SENTINEL = "zygote-{port}.sentinel"  # in state_dir, named for the port (state_file())
+ZYGOTE_SENTINEL = "zygote-{port}.sentinel"  # in state_dir, named for the port (Settings.state_file)
 
 
 def choose_process_model(settings: Settings) -> tuple[bool, str]:
@@ -76,7 +76,7 @@ class Zygote:
         self.channel = channel
         try:
             self.process = WorkerProcess.spawn(worker_command(self.settings), self.listener.fileno(),
-                                               state_file(self.settings, ZYGOTE_SENTINEL), self.selector,
+                                               self.settings.state_file(ZYGOTE_SENTINEL), self.selector,
                                                zygote_fd=theirs.fileno())
         except OSError as error:
             log.warning("cannot start the zygote: %s", error)
